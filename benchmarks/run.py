@@ -1,0 +1,143 @@
+"""Latency of ONNX Runtime, PyTorch eager and graphcomp (TVM, untuned) on the real models.
+
+All figures come from one run of this script on one machine, so their ratios are comparable.
+Usage:
+
+    .venv/bin/python benchmarks/run.py [--models ppocr-det,ppocr-rec,...] [--repeat 10]
+
+It prints a Markdown table and writes it, with the date and the machine, to
+benchmarks/results.md (through a temporary file and a rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from graphcomp.backends import tvm as tvm_backend
+from graphcomp.data import random_feeds
+from graphcomp.models_io import ZOO, load_model
+from graphcomp.pipeline import DEFAULT_PIPELINE, PassManager, parse_pipeline
+from graphcomp.serialize import write_text_atomic
+
+RESULTS = Path(__file__).with_name("results.md")
+
+
+def median_ms(function, repeat: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def onnxruntime_ms(path: str, feeds, repeat: int) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return median_ms(lambda: session.run(None, feeds), repeat)
+
+
+def measure(name: str, repeat: int) -> dict:
+    loaded = load_model(f"zoo:{name}")
+    feeds = (loaded.default_data or random_feeds(loaded.graph, 0, 1)).batches[0]
+    report = PassManager(parse_pipeline(DEFAULT_PIPELINE), verify=False).run(loaded.graph)
+    start = time.perf_counter()
+    built = tvm_backend.build(report.graph, "cpu")
+    build_seconds = time.perf_counter() - start
+
+    row = {"model": name, "build_s": build_seconds}
+    if loaded.reference_name == "onnxruntime":
+        from graphcomp.zoo import ppocr_path
+
+        row["onnxruntime"] = onnxruntime_ms(str(ppocr_path(name.split("-")[1])), feeds, repeat)
+    else:
+        row["torch"] = loaded.time_reference(feeds, repeat)
+        row["onnxruntime"] = _torch_via_onnxruntime(loaded, feeds, repeat)
+    row["graphcomp"] = built.benchmark(feeds, repeat=repeat)
+    expected = loaded.reference(feeds)
+    actual = built.run(feeds)
+    row["max_abs_error"] = max(
+        float(np.abs(np.asarray(e) - actual[v.name]).max())
+        for v, e in zip(report.graph.outputs, expected)
+    )
+    return row
+
+
+def _torch_via_onnxruntime(loaded, feeds, repeat: int) -> float | None:
+    """ONNX Runtime on the graph exported back to ONNX, when an ONNX exporter is available."""
+    try:
+        from graphcomp.backends.onnx_export import export_onnx_bytes
+    except ImportError:
+        return None
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(export_onnx_bytes(loaded.graph),
+                                   providers=["CPUExecutionProvider"])
+    return median_ms(lambda: session.run(None, feeds), repeat)
+
+
+def format_table(rows: list[dict], repeat: int) -> str:
+    def cell(value, digits=2):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        f"Measured {datetime.date.today().isoformat()} on {_machine()}, median of {repeat} runs, "
+        "batch 1, fp32, graphcomp untuned (default TVM schedules, default pass pipeline).",
+        "",
+        "| model | ONNX Runtime ms | PyTorch eager ms | graphcomp ms | graphcomp / ORT | "
+        "graphcomp / PyTorch | build s | max abs error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ort_ms, torch_ms, ours = row.get("onnxruntime"), row.get("torch"), row["graphcomp"]
+        lines.append(
+            f"| {row['model']} | {cell(ort_ms)} | {cell(torch_ms)} | {cell(ours)} | "
+            f"{cell(ours / ort_ms if ort_ms else None)} | "
+            f"{cell(ours / torch_ms if torch_ms else None)} | {cell(row['build_s'], 1)} | "
+            f"{row['max_abs_error']:.2g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(ZOO), help="comma-separated zoo names")
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per figure")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.models.split(","):
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        rows.append(measure(name, args.repeat))
+    table = format_table(rows, args.repeat)
+    print(table)
+    if not args.no_write:
+        write_text_atomic(RESULTS, "# Benchmark results\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
