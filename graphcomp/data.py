@@ -86,8 +86,9 @@ def load_dataset(path: str | Path, graph: Graph, max_samples: int | None = None)
         feeds = {}
         for value in graph.inputs:
             batch = max(value.shape[0], 1)
-            feeds[value.name] = np.ascontiguousarray(
-                arrays[value.name][i * batch:(i + 1) * batch].astype(value.dtype, copy=False)
+            feeds[value.name] = np.require(
+                arrays[value.name][i * batch:(i + 1) * batch].astype(value.dtype, copy=False),
+                requirements="C",
             )
         batches.append(feeds)
     if labels is not None:

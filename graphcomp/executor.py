@@ -36,10 +36,17 @@ def check_feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> None:
 
 
 def run_torch(
-    graph: Graph, feeds: Mapping[str, torch.Tensor], keep: bool = False
+    graph: Graph,
+    feeds: Mapping[str, torch.Tensor],
+    keep: bool = False,
+    constant_tensors: Mapping[Value, torch.Tensor] | None = None,
 ) -> dict[Value, torch.Tensor]:
-    """Run ``graph`` on torch tensors; return the graph outputs (every value when ``keep``)."""
-    env: dict[Value, torch.Tensor] = {}
+    """Run ``graph`` on torch tensors; return the graph outputs (every value when ``keep``).
+
+    ``constant_tensors`` supplies tensors for some constants in place of their numpy data, for
+    example trainable parameters that gradients must reach.
+    """
+    env: dict[Value, torch.Tensor] = dict(constant_tensors or {})
     for value in graph.inputs:
         env[value] = feeds[value.name]
     remaining_uses = _use_counts(graph) if not keep else None
@@ -48,7 +55,7 @@ def run_torch(
         args = []
         for value in node.inputs:
             if isinstance(value, Constant) and value not in env:
-                env[value] = torch.from_numpy(np.ascontiguousarray(value.data))
+                env[value] = torch.from_numpy(np.require(value.data, requirements="C"))
             args.append(env[value])
         try:
             result = get_op(node.op).torch(node, *args)
@@ -72,7 +79,9 @@ def run_torch(
 def run(graph: Graph, feeds: Mapping[str, np.ndarray], grad: bool = False) -> dict[str, np.ndarray]:
     """Run ``graph`` on numpy inputs; return its outputs by name as numpy arrays."""
     check_feeds(graph, feeds)
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feeds.items()}
+    tensors = {
+        name: torch.from_numpy(np.require(array, requirements="C")) for name, array in feeds.items()
+    }
     with torch.set_grad_enabled(grad):
         outputs = run_torch(graph, tensors)
     return {value.name: outputs[value].detach().numpy() for value in graph.outputs}

@@ -129,7 +129,7 @@ def _from_torch(model, example_inputs, source: str) -> LoadedModel:
     input_names = [value.name for value in graph.inputs]
 
     def reference(feeds: Feeds) -> list[np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in input_names]
+        args = [torch.from_numpy(np.require(feeds[name], requirements="C")) for name in input_names]
         with torch.no_grad():
             result = module(*args)
         results = result if isinstance(result, (tuple, list)) else (result,)
@@ -206,7 +206,7 @@ def _dataset_from_arrays(graph: Graph, arrays: dict[str, np.ndarray], source: st
     batch = max(graph.inputs[0].shape[0], 1)
     total = len(next(iter(arrays[v.name] for v in graph.inputs))) // batch
     batches = [
-        {v.name: np.ascontiguousarray(arrays[v.name][i * batch:(i + 1) * batch])
+        {v.name: np.require(arrays[v.name][i * batch:(i + 1) * batch], requirements="C")
          for v in graph.inputs}
         for i in range(total)
     ]

@@ -102,7 +102,7 @@ def _value_dict(value: Value) -> dict[str, Any]:
 
 
 def _constant_dict(const: Constant) -> dict[str, Any]:
-    data = np.ascontiguousarray(const.data)
+    data = np.require(const.data, requirements="C")
     return {
         "name": const.name,
         "shape": list(data.shape),

@@ -132,7 +132,7 @@ _unary("logical_not", torch.logical_not, lambda op, x: op.logical_not(x), "boole
 
 def _one_like(x):
     relax = relax_module()
-    return relax.const(1.0, x.struct_info.dtype)
+    return relax.const(1.0, x.ty.dtype)  # TVM 0.27 names the type field ty
 
 
 def _gelu_torch(node, x):
@@ -167,7 +167,10 @@ register_op("hardsigmoid", infer=same_as_first, torch=_hardsigmoid_torch,
 
 
 def _clip_torch(node, x):
-    return torch.clamp(x, node.attrs.get("min"), node.attrs.get("max"))
+    low, high = node.attrs.get("min"), node.attrs.get("max")
+    if low is None and high is None:
+        return x  # torch.clamp rejects two missing bounds; ONNX Clip then copies its input.
+    return torch.clamp(x, low, high)
 
 
 def _clip_relax(node, x):
@@ -226,7 +229,9 @@ def _binary(name, torch_fn, relax_name, doc, infer=broadcast_infer):
 _binary("add", torch.add, "add", "a + b with broadcasting")
 _binary("sub", torch.sub, "subtract", "a - b with broadcasting")
 _binary("mul", torch.mul, "multiply", "a * b with broadcasting")
-_binary("div", torch.div, "divide", "a / b with broadcasting (true division for floats)")
+_binary("div", lambda a, b: torch.div(a, b) if a.is_floating_point() else
+        torch.div(a, b, rounding_mode="trunc"), "divide",
+        "a / b with broadcasting; integer division truncates toward zero, as in ONNX")
 _binary("pow", torch.pow, "power", "a ** b with broadcasting")
 _binary("maximum", torch.maximum, "maximum", "elementwise max")
 _binary("minimum", torch.minimum, "minimum", "elementwise min")
@@ -250,3 +255,11 @@ register_op(
     inputs=3,
     doc="cond ? a : b with broadcasting",
 )
+
+
+# --- more comparisons and boolean ops (PyTorch's ne, le, logical_or, logical_xor) -----------
+
+_binary("not_equal", torch.ne, "not_equal", "a != b", compare_infer)
+_binary("less_equal", torch.le, "less_equal", "a <= b", compare_infer)
+_binary("logical_or", torch.logical_or, "logical_or", "boolean or", compare_infer)
+_binary("logical_xor", torch.logical_xor, "logical_xor", "boolean exclusive or", compare_infer)

@@ -74,7 +74,7 @@ def _conv2d_torch(node, x, w, b=None):
 
 def _add_channel_bias(y, b, rank):
     relax = relax_module()
-    out_channels = int(b.struct_info.shape[0])
+    out_channels = int(b.ty.shape[0])  # TVM 0.27 names the type field ty
     return relax.op.add(y, relax.op.reshape(b, _bias_shape(rank, out_channels)))
 
 

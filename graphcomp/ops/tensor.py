@@ -155,7 +155,14 @@ def _pad_torch(node, x):
     mode = node.attrs.get("mode", "constant")
     if mode == "constant":
         return F.pad(x, torch_pads, value=float(node.attrs.get("value", 0.0)))
-    return F.pad(x, torch_pads, mode=mode)
+    # PyTorch's reflect and replicate modes pad only the dims after batch and channel.
+    spatial = 2 * (rank - 2)
+    if rank < 3 or any(torch_pads[spatial:]):
+        raise NotImplementedError(
+            f"pad '{node.name}': mode '{mode}' pads only the dims after batch and channel of a "
+            f"rank-3 to rank-5 input, got pads {pads}"
+        )
+    return F.pad(x, torch_pads[:spatial], mode=mode)
 
 
 def _pad_relax(node, x):
@@ -172,7 +179,8 @@ def _pad_relax(node, x):
 
 register_op(
     "pad", infer=_pad_infer, torch=_pad_torch, relax=_pad_relax,
-    doc="pad each dim; attrs: pads (all befores then all afters), mode, value",
+    doc="pad each dim; attrs: pads (all befores then all afters), "
+        "mode (constant, reflect, replicate), value",
 )
 
 

@@ -1,0 +1,447 @@
+"""Passes, the pass registry, pipeline text and the pass manager.
+
+A pass is a ``Pass`` subclass registered with ``@register_pass``; the built-in passes live in
+``graphcomp.passes``, one per module. A pipeline is written as text, passes separated by commas
+(or new lines), each with options after colons::
+
+    fold-constants,remove-identity,fold-bn,fuse,dce
+    prune:ratio=0.5:global=true
+    quantize:int8
+
+``PassManager`` runs the passes on a copy of a graph. After each pass it checks the graph's
+structure with the verifier and, given input feeds, compares the outputs of the reference
+executor before and after the pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import pkgutil
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from graphcomp import executor
+from graphcomp.errors import GraphcompError, OptionError, PassError, VerificationError
+from graphcomp.ir import Graph
+from graphcomp.serialize import format_graph, write_text_atomic
+from graphcomp.verifier import verify_graph
+
+logger = logging.getLogger(__name__)
+
+# The lossless default, one pass per line.
+DEFAULT_PIPELINE = ",".join((
+    "fold-constants",   # compute nodes whose inputs are all constants
+    "remove-identity",  # drop identities, no-op casts, reshapes, transposes, x+0, x*1
+    "fold-bn",          # fold batch_norm into the conv2d, conv_transpose2d or linear before it
+    "fuse",             # bias adds, hardswish/hardsigmoid patterns, activations into convs
+    "dce",              # remove nodes whose outputs are never read
+))
+
+OPTION_TYPES = (int, float, bool, str)
+_TRUE_WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+
+class PassNodeError(GraphcompError):
+    """Raised inside a pass to name the node at fault; the manager wraps it in a PassError."""
+
+    def __init__(self, node: str, message: str):
+        self.node = node
+        super().__init__(message)
+
+
+@dataclass
+class PassResult:
+    """Outcome of a pass: whether the graph changed, and counts such as ``{"folded": 12}``."""
+
+    changed: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """Inputs a pass may use besides the graph: input feeds (for calibration or checks), the
+    manager's error tolerance and a logger."""
+
+    feeds: dict[str, np.ndarray] | None = None
+    tolerance: float = 1e-4
+    log: logging.Logger = logger
+
+
+class Pass:
+    """Base class of passes. A subclass sets the class attributes and implements ``run``.
+
+    ``options`` maps each accepted option to its type (int, float, bool or str) and
+    ``defaults`` gives the values of options that are not set. ``parse_word`` turns a bare word
+    of the pipeline text into options. After ``__init__``, ``self.config`` contains every
+    option's value.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    lossless: ClassVar[bool] = True
+    options: ClassVar[dict[str, type]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any):
+        config = dict(self.defaults)
+        for key, value in options.items():
+            if key not in self.options:
+                raise OptionError(
+                    f"pass '{self.name}' has no option '{key}'; {self.describe_options()}"
+                )
+            config[key] = coerce_option(self.name, key, self.options[key], value)
+        self.config = config
+
+    @classmethod
+    def parse_word(cls, word: str) -> dict[str, Any]:
+        """Turn a bare word after the pass name into options. By default a bool option's name
+        sets it to true; passes with modes (``quantize:int8``) override this."""
+        if cls.options.get(word) is bool:
+            return {word: True}
+        raise OptionError(
+            f"pass '{cls.name}' does not accept the word '{word}'; {cls.describe_options()}"
+        )
+
+    @classmethod
+    def describe_options(cls) -> str:
+        if not cls.options:
+            return "it takes no options"
+        accepted = ", ".join(f"{key} ({kind.__name__})" for key, kind in cls.options.items())
+        return f"accepted options: {accepted}"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError(f"pass '{self.name}' does not implement run()")
+
+    def __repr__(self) -> str:
+        settings = "".join(f":{key}={value}" for key, value in self.config.items())
+        return f"<pass {self.name}{settings}>"
+
+
+def coerce_option(pass_name: str, key: str, kind: type, value: Any) -> Any:
+    """Convert ``value`` (text from a pipeline, or a Python value) to ``kind``."""
+    def invalid() -> OptionError:
+        return OptionError(
+            f"pass '{pass_name}': option '{key}' expects {kind.__name__}, got {value!r}"
+        )
+
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text not in _TRUE_WORDS:
+                raise invalid()
+            return _TRUE_WORDS[text]
+        try:
+            return kind(text)
+        except ValueError:
+            raise invalid() from None
+    if kind is bool:
+        if not isinstance(value, (bool, np.bool_)):
+            raise invalid()
+        return bool(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise invalid()
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise invalid()
+        return float(value)
+    if not isinstance(value, kind):
+        raise invalid()
+    return value
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_BUILTINS_LOADED = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator that adds a pass to the registry under ``cls.name``."""
+    for attribute in ("name", "summary"):
+        if not isinstance(getattr(cls, attribute, None), str):
+            raise TypeError(f"pass class {cls.__qualname__} must set the string '{attribute}'")
+    for key, kind in cls.options.items():
+        if kind not in OPTION_TYPES:
+            raise TypeError(f"pass '{cls.name}': option '{key}' has unsupported type {kind}")
+    unknown_defaults = set(cls.defaults) - set(cls.options)
+    if unknown_defaults:
+        raise TypeError(f"pass '{cls.name}': defaults for undeclared options {unknown_defaults}")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(
+            f"pass name '{cls.name}' is already taken by {existing.__module__}."
+            f"{existing.__qualname__}"
+        )
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_passes() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    package = importlib.import_module("graphcomp.passes")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"graphcomp.passes.{module.name}")
+    _BUILTINS_LOADED = True
+
+
+def available_passes() -> dict[str, type[Pass]]:
+    """Return every registered pass by name, the built-in ones included."""
+    _load_builtin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    """Look up a pass class; the OptionError for an unknown name suggests a close match."""
+    passes = available_passes()
+    if name in passes:
+        return passes[name]
+    close = difflib.get_close_matches(name, list(passes), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise OptionError(f"unknown pass '{name}'.{hint} Known passes: {', '.join(passes)}")
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Parse pipeline text into pass instances; empty text or ``none`` gives no passes.
+
+    Passes are separated by commas or new lines. Options follow the pass name after colons,
+    as ``key=value`` or as a bare word that the pass interprets (see ``Pass.parse_word``).
+    """
+    if text.strip().lower() in ("", "none"):
+        return []
+    passes = []
+    for item in re.split(r"[,\n]", text):
+        item = item.strip()
+        if not item:
+            continue
+        name, *parts = (part.strip() for part in item.split(":"))
+        cls = get_pass(name)
+        options: dict[str, Any] = {}
+        for part in parts:
+            if "=" in part:
+                key, value = (s.strip() for s in part.split("=", 1))
+                given = {key: value}
+            elif part:
+                given = cls.parse_word(part)
+            else:
+                raise OptionError(f"pass '{name}': empty option in '{item}'")
+            for key in given:
+                if not key:
+                    raise OptionError(f"pass '{name}': option without a name in '{item}'")
+                if key in options:
+                    raise OptionError(f"pass '{name}': option '{key}' is given twice")
+            options.update(given)
+        passes.append(cls(**options))
+    return passes
+
+
+def check_requirements(passes: Sequence[Pass]) -> None:
+    """Raise OptionError when a pass's ``requires`` do not run before it."""
+    for position, current in enumerate(passes):
+        earlier = {p.name for p in passes[:position]}
+        missing = [name for name in current.requires if name not in earlier]
+        if missing:
+            order = ",".join([*missing, current.name])
+            raise OptionError(
+                f"pass '{current.name}' requires {', '.join(repr(m) for m in missing)} to run "
+                f"earlier in the pipeline, for example '{order}'"
+            )
+
+
+# --- pass manager -------------------------------------------------------------------------------
+
+
+@dataclass
+class PassRecord:
+    """One pass run. ``max_abs_error`` is the largest ``max|after - before| / max|before|``
+    over the graph outputs (the plain difference where ``before`` is all zero), or None when
+    the run had no feeds to check with."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    changed: bool
+    details: dict[str, Any]
+    max_abs_error: float | None
+
+
+@dataclass
+class PipelineReport:
+    """The graph after all passes and a record per pass."""
+
+    graph: Graph
+    records: list[PassRecord]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graph": self.graph.name,
+            "nodes_before": self.records[0].nodes_before if self.records else len(self.graph),
+            "nodes_after": len(self.graph),
+            "seconds": sum(r.seconds for r in self.records),
+            "records": [asdict(record) for record in self.records],
+        }
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class PassManager:
+    """Runs passes in order on a copy of a graph, checking each one.
+
+    After each pass: the verifier when ``check_structure``, and with ``verify`` and ``feeds``
+    a numerical comparison with the graph before the pass (a lossless pass whose error exceeds
+    ``tolerance`` fails). ``dump_dir`` receives the text form of the graph before the first
+    pass (``00-input.txt``) and after each one (``01-fold-bn.txt``...). ``progress`` is called
+    as each pass starts, with its name, its 0-based position and the number of passes.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass] | str,
+        *,
+        verify: bool = True,
+        tolerance: float = 1e-4,
+        feeds: Mapping[str, np.ndarray] | None = None,
+        dump_dir: Path | None = None,
+        check_structure: bool = True,
+        progress: ProgressFn | None = None,
+    ):
+        self.passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+        check_requirements(self.passes)
+        if not tolerance >= 0:
+            raise OptionError(f"tolerance must be a number >= 0, got {tolerance}")
+        self.verify = verify
+        self.tolerance = float(tolerance)
+        self.feeds = dict(feeds) if feeds is not None else None
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.check_structure = check_structure
+        self.progress = progress
+
+    def run(self, graph: Graph) -> PipelineReport:
+        """Run every pass on a copy of ``graph``; ``report.graph`` is the result."""
+        graph = graph.copy()
+        if self.check_structure:
+            try:
+                verify_graph(graph)
+            except VerificationError as exc:
+                raise VerificationError(f"input graph '{graph.name}' is malformed: {exc}") from exc
+        check_numbers = self.verify and self.feeds is not None
+        if check_numbers:
+            executor.check_feeds(graph, self.feeds)
+        ctx = PassContext(feeds=self.feeds, tolerance=self.tolerance, log=logger)
+        reference = self._outputs(graph) if check_numbers else None
+        self._dump(graph, 0, "input")
+
+        records: list[PassRecord] = []
+        for position, current in enumerate(self.passes):
+            if self.progress is not None:
+                self.progress(current.name, position, len(self.passes))
+            already_run = [p.name for p in self.passes[:position]]
+            record, reference = self._run_one(graph, position, ctx, already_run, reference)
+            records.append(record)
+        return PipelineReport(graph, records)
+
+    def _run_one(self, graph, position: int, ctx, already_run, reference):
+        current = self.passes[position]
+        nodes_before = len(graph)
+        logger.info("running pass %s", current.name)
+        start = time.perf_counter()
+        try:
+            result = current.run(graph, ctx)
+        except Exception as exc:
+            raise _wrap(current, already_run, exc) from exc
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise PassError(current.name, already_run, None,
+                            f"run() returned {type(result).__name__}, expected a PassResult")
+        # Written before the checks, so that a failing pass leaves its result for inspection.
+        self._dump(graph, position + 1, current.name)
+
+        if self.check_structure:
+            try:
+                verify_graph(graph)
+            except GraphcompError as exc:
+                raise PassError(current.name, already_run, None,
+                                f"left a malformed graph: {exc}") from exc
+        error = None
+        if reference is not None:
+            error, reference = self._compare(graph, current, already_run, reference)
+
+        logger.info("pass %s: %.3f s, %d -> %d nodes, %s", current.name, seconds,
+                    nodes_before, len(graph), result.details)
+        record = PassRecord(current.name, dict(current.config), seconds, nodes_before,
+                            len(graph), result.changed, dict(result.details), error)
+        return record, reference
+
+    def _compare(self, graph, current: Pass, already_run, reference):
+        """Return the output error of ``graph`` against ``reference`` and the new outputs."""
+        try:
+            outputs = self._outputs(graph)
+        except GraphcompError as exc:
+            raise PassError(current.name, already_run, None,
+                            f"the reference executor failed after it: {exc}") from exc
+        error = output_error(reference, outputs)
+        if current.lossless and not error <= self.tolerance:
+            raise PassError(
+                current.name, already_run, None,
+                f"changed the outputs by {error:.3g} relative to their scale, above the "
+                f"tolerance {self.tolerance:g} for a lossless pass; run with a dump folder "
+                "to compare the graph before and after it",
+            )
+        return error, outputs
+
+    def _outputs(self, graph: Graph) -> list[np.ndarray]:
+        by_name = executor.run(graph, self.feeds)
+        return [by_name[value.name] for value in graph.outputs]
+
+    def _dump(self, graph: Graph, number: int, label: str) -> None:
+        if self.dump_dir is not None:
+            write_text_atomic(self.dump_dir / f"{number:02d}-{label}.txt", format_graph(graph))
+
+
+def _wrap(current: Pass, already_run: list[str], exc: Exception) -> PassError:
+    node = getattr(exc, "node", None)
+    node_name = getattr(node, "name", node)
+    if isinstance(exc, PassError):
+        cause = str(exc)
+    else:
+        cause = f"{type(exc).__name__}: {exc}"
+    return PassError(current.name, already_run, node_name, cause)
+
+
+def output_error(before: list[np.ndarray], after: list[np.ndarray]) -> float:
+    """Return the largest ``max|after - before| / max|before|`` over matching outputs; the
+    plain difference where ``before`` is all zero, infinity on a shape change or a new NaN."""
+    if len(before) != len(after):
+        return float("inf")
+    worst = 0.0
+    for old, new in zip(before, after):
+        if old.shape != new.shape:
+            return float("inf")
+        old64 = old.astype(np.float64)
+        new64 = new.astype(np.float64)
+        same = (old64 == new64) | (np.isnan(old64) & np.isnan(new64))
+        with np.errstate(invalid="ignore"):
+            diff = np.where(same, 0.0, np.abs(new64 - old64))
+        if diff.size == 0:
+            continue
+        largest_diff = float(np.max(diff))
+        if np.isnan(largest_diff):
+            return float("inf")
+        finite = old64[np.isfinite(old64)]
+        scale = float(np.max(np.abs(finite))) if finite.size else 0.0
+        worst = max(worst, largest_diff / scale if scale > 0 else largest_diff)
+    return worst
