@@ -124,7 +124,7 @@ def _from_torch(model, example_inputs, source: str) -> LoadedModel:
 
     from graphcomp.frontends.torch_frontend import import_torch
 
-    graph = import_torch(model, example_inputs)
+    graph = import_torch(model, example_inputs, name=_graph_name(source))
     module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     input_names = [value.name for value in graph.inputs]
 
@@ -136,6 +136,12 @@ def _from_torch(model, example_inputs, source: str) -> LoadedModel:
         return [r.detach().numpy() for r in results]
 
     return LoadedModel(graph, source, "torch", reference)
+
+
+def _graph_name(source: str) -> str:
+    """A graph name from a model spec: the file stem, the function or the zoo name."""
+    base = source.rpartition(":")[2] if ":" in source else Path(source).stem
+    return base.replace("-", "_") or "model"
 
 
 def _from_graph_json(path: Path) -> LoadedModel:

@@ -33,7 +33,7 @@ def format_attr(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(format_attr(v) for v in value) + "]"
     if isinstance(value, float):
-        return repr(round(value, 8))
+        return f"{value:.8g}"  # 8 significant digits: stable text, and 1e-12 stays 1e-12
     return repr(value) if isinstance(value, str) else str(value)
 
 
