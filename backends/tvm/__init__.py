@@ -1,0 +1,18 @@
+"""graphcomp's TVM backend: graph -> Relax -> compiled library for a target -> run.
+
+Importing this package is cheap; TVM itself is imported on first use.
+"""
+
+from .artifact import load_artifact
+from .lower import lower_to_relax
+from .model import BuiltModel, build
+from .targets import list_targets, resolve_target
+
+__all__ = [
+    "BuiltModel",
+    "build",
+    "list_targets",
+    "load_artifact",
+    "lower_to_relax",
+    "resolve_target",
+]

@@ -204,7 +204,7 @@ def _matmul_infer(node):
     a, b = node.inputs
     a_shape, b_shape = a.shape, b.shape
     if len(a_shape) == 1 or len(b_shape) == 1:
-        out = np.matmul(np.empty(a_shape, np.float32), np.empty(b_shape, np.float32)).shape
+        out = np.matmul(np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)).shape
         return [(tuple(out), a.dtype)]
     if a_shape[-1] != b_shape[-2]:
         raise ValueError(f"matmul '{node.name}': shapes {a_shape} and {b_shape} do not agree")
