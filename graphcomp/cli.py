@@ -280,7 +280,7 @@ def _print_summary(report) -> None:
         ratio = latency["graphcomp"] / latency[reference] if latency[reference] else float("nan")
         lines.append(f"  latency  {reference} {latency[reference]:.3f} ms, graphcomp "
                      f"{latency['graphcomp']:.3f} ms (ratio {ratio:.2f}, untuned)")
-    console.print("\n".join(lines), highlight=False)
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 # --- run, passes, targets ---------------------------------------------------------------------
@@ -291,7 +291,7 @@ def _cmd_run(args) -> int:
     from graphcomp.serialize import write_bytes_atomic
 
     model = load_artifact(args.artifact)
-    feeds = _read_inputs(args.input, [name for name in model.input_names])
+    feeds = _read_inputs(args.input, [spec.name for spec in model.inputs])
     outputs = model.run(feeds)
     for name, array in outputs.items():
         console.print(f"{name}: {array.dtype}{list(array.shape)} min {array.min():.6g} "
@@ -350,7 +350,7 @@ def _cmd_targets(args) -> int:
     from graphcomp.backends.tvm import list_targets
 
     for name, target_json in list_targets().items():
-        console.print(f"[bold]{name}[/]: {json.dumps(target_json)}", highlight=False)
+        console.print(f"[bold]{name}[/]: {json.dumps(target_json)}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -184,11 +184,15 @@ def _from_zoo(name: str, input_shapes) -> LoadedModel:
         listing = ", ".join(f"zoo:{key}" for key in ZOO)
         raise ModelLoadError(f"unknown zoo model 'zoo:{name}'; available: {listing}")
     if name.startswith("ppocr-"):
-        from graphcomp.zoo import PPOCR_SHAPES, ppocr_path
+        from graphcomp.zoo import PPOCR_SHAPES, ppocr_inputs, ppocr_path
 
         kind = name.split("-", 1)[1]
-        loaded = _from_onnx(ppocr_path(kind), input_shapes or PPOCR_SHAPES[kind])
+        shapes = input_shapes or PPOCR_SHAPES[kind]
+        loaded = _from_onnx(ppocr_path(kind), shapes)
         loaded.source = f"zoo:{name}"
+        if tuple(shapes["x"]) == PPOCR_SHAPES[kind]["x"]:
+            images = {"x": ppocr_inputs(kind, count=4)}
+            loaded.default_data = _dataset_from_arrays(loaded.graph, images, "rendered text")
         return loaded
     from graphcomp import models
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+
 from graphcomp.errors import ModelLoadError
 
 PPOCR_FILES = {
@@ -45,3 +47,60 @@ def ppocr_path(name: str) -> Path:
     if not path.exists():
         raise ModelLoadError(f"{path}: not found in the installed rapidocr-onnxruntime wheel")
     return path
+
+
+# --- inputs that look like what the PP-OCR models see ------------------------------------------
+
+# PP-OCR scales pixels to [-1, 1]: (pixel / 255 - 0.5) / 0.5.
+_PIXEL_SCALE = 127.5
+
+
+def render_text_image(lines: list[str], height: int, width: int, font_size: int,
+                      seed: int = 0, scatter: bool = False) -> np.ndarray:
+    """Draw ``lines`` in dark ink on a light background; return an RGB uint8 [H, W, 3] array.
+
+    With ``scatter`` the lines go to random places and sizes on the page (a document for the
+    detector); otherwise one line is drawn left-aligned and vertically centred (a text line
+    crop for the recognizer and the direction classifier)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(225, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    if not scatter:
+        font = ImageFont.load_default(size=font_size)
+        top = (height - font_size) // 2 - font_size // 8
+        draw.text((4, top), lines[0], fill=(20, 20, 20), font=font)
+        return np.asarray(image)
+    y = int(rng.integers(8, 30))
+    for line in lines:
+        size = int(rng.integers(font_size // 2, font_size + 1))
+        if y + size > height - 8:
+            break
+        font = ImageFont.load_default(size=size)
+        x = int(rng.integers(8, max(9, width // 6)))
+        ink = tuple(int(v) for v in rng.integers(0, 60, 3))
+        draw.text((x, y), line, fill=ink, font=font)
+        y += int(size * rng.uniform(1.4, 2.2))
+    return np.asarray(image)
+
+
+def ppocr_inputs(name: str, count: int = 4, seed: int = 0) -> np.ndarray:
+    """``count`` rendered text images in the input layout of PP-OCR model ``name``:
+    float32 [count, 3, H, W] in [-1, 1]. Random noise leaves the detector's map near zero
+    everywhere, so verification on these says far more than on random inputs."""
+    from graphcomp.models import minilm_sentences
+
+    sentences = minilm_sentences()
+    _, _, height, width = PPOCR_SHAPES[name]["x"]
+    images = []
+    for i in range(count):
+        if name == "det":
+            picked = [sentences[(i * 7 + k) % len(sentences)] for k in range(24)]
+            image = render_text_image(picked, height, width, 34, seed + i, scatter=True)
+        else:
+            line = sentences[(seed + i) % len(sentences)]
+            image = render_text_image([line], height, width, 30, seed + i)
+        images.append(image.transpose(2, 0, 1))
+    batch = np.stack(images).astype(np.float32)
+    return batch / _PIXEL_SCALE - 1.0

@@ -12,9 +12,13 @@ Layout of a folder written by ``write_artifact``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,12 +92,33 @@ def write_library(model: "BuiltModel", out_dir: Path) -> Path:
             )
         options["cc"] = ARM_COMPILER
     try:
-        model.library.export_library(str(path), **options)
+        with capture_native_stderr():
+            model.library.export_library(str(path), **options)
     except BackendError:
         raise
     except Exception as exc:  # compiler and linker failures surface as several types
         raise BackendError(f"exporting the library to {path} failed: {exc}") from exc
     return path
+
+
+@contextlib.contextmanager
+def capture_native_stderr():
+    """Keep what native code writes to file descriptor 2 off the terminal and log it at debug
+    level. TVM 0.27's VM executable writes a "Scope Saving" warning per function there while
+    a library is exported."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", errors="replace").strip()
+            if text:
+                logger.debug("native output while exporting:\n%s", text)
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
