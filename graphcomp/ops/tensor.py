@@ -258,7 +258,7 @@ def _embedding_infer(node):
 register_op(
     "embedding", infer=_embedding_infer,
     torch=lambda node, ids, table: F.embedding(ids.long(), table),
-    relax=lambda node, ids, table: relax_module().op.take(table, ids, axis=0),
+    relax=lambda node, ids, table: relax_module().op.take(table, ids, axis=0, mode="clip"),
     inputs=2,
     doc="look up rows of table[V, D] at ids; inputs: ids, table",
 )
