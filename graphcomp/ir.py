@@ -125,7 +125,7 @@ class Graph:
         return users
 
     def constants(self) -> list[Constant]:
-        """Every constant read by a node or returned as a graph output, each once."""
+        """Return every constant read by a node or returned as a graph output, each once."""
         seen: dict[int, Constant] = {}
         for value in itertools.chain((v for n in self.nodes for v in n.inputs), self.outputs):
             if isinstance(value, Constant):
@@ -133,7 +133,7 @@ class Graph:
         return list(seen.values())
 
     def values(self) -> list[Value]:
-        """All values: graph inputs, constants and node outputs, each once."""
+        """Return all values (graph inputs, constants, node outputs), each once."""
         seen: dict[int, Value] = {}
         for value in itertools.chain(
             self.inputs, (v for n in self.nodes for v in (*n.inputs, *n.outputs))

@@ -224,5 +224,5 @@ def _dataset_from_arrays(graph: Graph, arrays: dict[str, np.ndarray], source: st
     if labels is not None:
         labels = np.asarray(labels)[: total * batch]
     if not batches:
-        raise GraphcompError(f"{source}: holds fewer examples than one batch of {batch}")
+        raise GraphcompError(f"{source}: contains fewer examples than one batch of {batch}")
     return Dataset(batches, labels, source)

@@ -88,7 +88,7 @@ def render_text_image(lines: list[str], height: int, width: int, font_size: int,
 def ppocr_inputs(name: str, count: int = 4, seed: int = 0) -> np.ndarray:
     """``count`` rendered text images in the input layout of PP-OCR model ``name``:
     float32 [count, 3, H, W] in [-1, 1]. Random noise leaves the detector's map near zero
-    everywhere, so verification on these says far more than on random inputs."""
+    everywhere, so verification on these images catches errors that random inputs hide."""
     from graphcomp.models import minilm_sentences
 
     sentences = minilm_sentences()

@@ -68,7 +68,7 @@ def torch_activation(x: torch.Tensor, name: str | None) -> torch.Tensor:
 
 
 def relax_activation(x, name: str | None, dtype: str = "float32"):
-    """The Relax form of ``torch_activation``."""
+    """Apply a fused activation to a Relax expression, as ``torch_activation`` does."""
     if name is None:
         return x
     relax = relax_module()
