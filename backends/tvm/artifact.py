@@ -13,6 +13,7 @@ Layout of a folder written by ``write_artifact``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,12 +22,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 import graphcomp
-from graphcomp.errors import ArtifactError, BackendError
+from graphcomp.errors import ArtifactError, BackendError, ShapeError
 
 from .lower import TensorSpec
 from .targets import check_runs_here
@@ -130,6 +131,41 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
 
 
+@dataclasses.dataclass
+class ArtifactContents:
+    """An artifact folder's manifest, tensor specs and weights, checked against each other
+    but with the library neither loaded nor checked against this host."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    target_name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    weights: dict[str, np.ndarray]
+
+    @property
+    def library_path(self) -> Path:
+        return self.folder / LIBRARY_FILE
+
+
+def read_artifact(path: Path) -> ArtifactContents:
+    """Read an artifact folder without loading its library, for any target.
+
+    Raises ArtifactError when a file is missing, the manifest is corrupt or of another
+    format version, or the weights do not match it.
+    """
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    return ArtifactContents(
+        folder=folder,
+        manifest=manifest,
+        target_name=manifest["target"]["name"],
+        inputs=[_spec(folder, item) for item in manifest["inputs"]],
+        outputs=[_spec(folder, item) for item in manifest["outputs"]],
+        weights=_load_weights(folder, manifest),
+    )
+
+
 def load_artifact(path: Path) -> "BuiltModel":
     """Load an artifact folder written by ``BuiltModel.export``.
 
@@ -140,27 +176,44 @@ def load_artifact(path: Path) -> "BuiltModel":
 
     from .model import BuiltModel
 
-    folder = Path(path)
-    manifest = read_manifest(folder)
-    target = _manifest_target(folder, manifest)
-    check_runs_here(target, f"artifact {folder} (target '{manifest['target']['name']}')")
-    weights = _load_weights(folder, manifest)
-    library_path = folder / LIBRARY_FILE
+    contents = read_artifact(path)
+    folder = contents.folder
+    target = _manifest_target(folder, contents.manifest)
+    check_runs_here(target, f"artifact {folder} (target '{contents.target_name}')")
     try:
-        library = tvm.runtime.load_module(str(library_path))
+        library = tvm.runtime.load_module(str(contents.library_path))
     except Exception as exc:  # the loader reports bad files with several exception types
-        raise ArtifactError(f"{library_path}: cannot load the library: {exc}") from exc
+        raise ArtifactError(
+            f"{contents.library_path}: cannot load the library: {exc}"
+        ) from exc
 
-    model = BuiltModel(
+    return BuiltModel(
         library=library,
-        target_name=manifest["target"]["name"],
+        target_name=contents.target_name,
         target=target,
-        inputs=[_spec(folder, item) for item in manifest["inputs"]],
-        outputs=[_spec(folder, item) for item in manifest["outputs"]],
-        weights=weights,
-        library_path=library_path,
+        inputs=contents.inputs,
+        outputs=contents.outputs,
+        weights=contents.weights,
+        library_path=contents.library_path,
     )
-    return model
+
+
+def check_feeds(inputs: list[TensorSpec], feeds: Mapping[str, np.ndarray]) -> None:
+    """Raise ShapeError unless ``feeds`` has exactly ``inputs``, with their shapes and dtypes."""
+    expected = [spec.name for spec in inputs]
+    missing = [name for name in expected if name not in feeds]
+    unexpected = [name for name in feeds if name not in expected]
+    if missing or unexpected:
+        raise ShapeError(
+            f"the model expects inputs {expected}; missing {missing}, unexpected {unexpected}"
+        )
+    for spec in inputs:
+        array = np.asarray(feeds[spec.name])
+        if tuple(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
+            raise ShapeError(
+                f"input '{spec.name}' is {array.dtype}{list(array.shape)}, but the model "
+                f"expects {spec.dtype}{list(spec.shape)}"
+            )
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -21,10 +21,14 @@ from __future__ import annotations
 import logging
 import re
 import struct
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from graphcomp.errors import BackendError
+
+from .aarch64_runner.elf import EM_CUDA, read_header, read_symbols
 
 if TYPE_CHECKING:
     import tvm
@@ -69,9 +73,31 @@ def compile_fatbin(source: str, target: "tvm.target.Target") -> bytes:
             return bytes(nvcc.compile_cuda(source, "fatbin", gencode, compiler="nvcc"))
     except (RuntimeError, OSError, ValueError) as exc:
         raise BackendError(
-            f"nvcc failed to compile the CUDA kernels for {arch}: {str(exc)[-2000:]}. "
-            "Check that nvcc from CUDA 11 or later is on PATH and supports this architecture."
+            f"nvcc failed to compile the CUDA kernels for {arch}: {_nvcc_message(exc)}. "
+            "Check that nvcc from CUDA 11 or later is on PATH and supports this architecture"
+            f"{_supported_architectures()}."
         ) from exc
+
+
+def _nvcc_message(exc: Exception) -> str:
+    # TVM's nvcc driver raises the whole CUDA source, then "Compilation error:" and nvcc's
+    # output; only that output describes the failure.
+    text = str(exc)
+    marker = "Compilation error:"
+    if marker in text:
+        text = text[text.rindex(marker) + len(marker):]
+    return text.strip()[-2000:]
+
+
+def _supported_architectures() -> str:
+    try:
+        listing = subprocess.run(
+            ["nvcc", "--list-gpu-arch"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    arches = [line.replace("compute_", "sm_") for line in listing.split()]
+    return f" (this nvcc builds for {', '.join(arches)})" if arches else ""
 
 
 def fpack_imports_with_fatbins(target: "tvm.target.Target") -> Callable[..., str]:
@@ -141,13 +167,21 @@ def _replace_c_array(c_source: str, blob: bytes) -> str:
     return pattern.sub(array, c_source)
 
 
-def fatbin_architectures(data: bytes) -> list[tuple[str, int]]:
-    """List the (kind, sm version) entries of every fatbin found in ``data`` (a library).
+@dataclass(frozen=True)
+class FatbinEntry:
+    """One compiled form of the kernels in a fatbin."""
 
-    Kind is "sass" for machine code and "ptx" for PTX; sm version 80 means sm_80. A fatbin
-    starts with u32 magic, u16 version, u16 header size and u64 size. Each entry then starts
-    with u16 kind, u16 version, u32 header size and u64 padded payload size, and has the
-    architecture as a u32 at byte 28.
+    kind: str  # "sass" for machine code, "ptx" for PTX
+    arch: int  # the sm version: 80 means sm_80
+    payload: bytes  # a cubin (ELF) for "sass"; PTX text, which nvcc may compress, for "ptx"
+
+
+def fatbin_entries(data: bytes) -> list[FatbinEntry]:
+    """List the entries of every fatbin found in ``data`` (a library).
+
+    A fatbin starts with u32 magic, u16 version, u16 header size and u64 size. Each entry
+    then starts with u16 kind, u16 version, u32 header size and u64 padded payload size,
+    and has the architecture as a u32 at byte 28; its payload follows its header.
     """
     found = []
     magic = struct.pack("<I", FATBIN_MAGIC)
@@ -161,9 +195,26 @@ def fatbin_architectures(data: bytes) -> list[tuple[str, int]]:
         while entry + 32 <= min(end, len(data)):
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
             (arch,) = struct.unpack_from("<I", data, entry + 28)
-            found.append(({1: "ptx", 2: "sass"}.get(kind, str(kind)), arch))
+            body = data[entry + entry_header:entry + entry_header + payload]
+            found.append(FatbinEntry({1: "ptx", 2: "sass"}.get(kind, str(kind)), arch, body))
             if entry_header == 0:
                 break
             entry += entry_header + payload
         start += 4
     return found
+
+
+def fatbin_architectures(data: bytes) -> list[tuple[str, int]]:
+    """List (kind, sm version) of every fatbin entry in ``data``: ("sass", 90) is sm_90
+    machine code, ("ptx", 90) PTX for compute_90."""
+    return [(entry.kind, entry.arch) for entry in fatbin_entries(data)]
+
+
+def cubin_kernels(cubin: bytes) -> list[str]:
+    """Return the names of the kernels a cubin defines; raises ValueError unless it is
+    an uncompressed CUDA ELF file."""
+    header = read_header(cubin)
+    if header.machine != EM_CUDA:
+        raise ValueError(f"ELF machine is {header.machine}, not {EM_CUDA} (CUDA)")
+    symbols = read_symbols(cubin, dynamic=False)
+    return sorted(symbol.name for symbol in symbols if symbol.kind == "func" and symbol.defined)

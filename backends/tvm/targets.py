@@ -4,8 +4,10 @@ A target name is one of:
 
 - ``cpu``: this host, LLVM with the host's CPU model (``mcpu``) and core count.
 - ``cuda``: an NVIDIA GPU; the architecture of GPU 0 when one is present, else ``sm_80``.
-- ``cuda:sm_XY``: an NVIDIA GPU of compute capability X.Y.
-- ``arm``: 64-bit ARM Linux (aarch64) with NEON.
+- ``cuda:sm_XY``: an NVIDIA GPU of compute capability X.Y (``sm_90a`` for nvcc's
+  architecture-specific features).
+- ``arm``: 64-bit ARM Linux (aarch64) with NEON. Its artifacts run on this host under
+  qemu-aarch64 through ``aarch64_runner.run_artifact``.
 
 TVM is imported inside the functions because importing it takes seconds.
 """
@@ -60,11 +62,20 @@ def _host_cpu_json() -> dict[str, Any]:
     }
 
 
+# sm_ and the compute capability without its dot (sm_75, sm_90, sm_120), optionally with
+# nvcc's suffix for architecture-specific (a) or family-specific (f) features: sm_90a.
+_CUDA_ARCH = re.compile(r"sm_[1-9][0-9]{1,2}[af]?")
+
+
 def _cuda_json(arch: str | None) -> dict[str, Any]:
     if arch is None:
         arch = _detected_cuda_arch()
-    if not re.fullmatch(r"sm_\d+[a-z]?", arch):
-        raise OptionError(f"invalid CUDA architecture '{arch}'; expected the form sm_80")
+    if not _CUDA_ARCH.fullmatch(arch):
+        raise OptionError(
+            f"invalid CUDA architecture '{arch}' in target 'cuda:{arch}'; expected "
+            "cuda:sm_XY, where X.Y is the GPU's compute capability (cuda:sm_80 for A100, "
+            "cuda:sm_90 for H100), optionally with nvcc's suffix a or f (cuda:sm_90a)"
+        )
     return {"kind": "cuda", "arch": arch, **_CUDA_LIMITS}
 
 
@@ -100,10 +111,24 @@ def resolve_target(name: str) -> "tvm.target.Target":
     return Target(target_json(name))
 
 
+# One line per named target, for `graphcomp targets`.
+_TARGET_DESCRIPTIONS = {
+    "cpu": "this host's CPU: LLVM with this host's mcpu and core count",
+    "cuda": f"NVIDIA GPU: the architecture of GPU 0, or {DEFAULT_CUDA_ARCH} with no GPU present",
+    "cuda:sm_80": "NVIDIA Ampere (A100) machine code, and PTX that newer GPUs compile on load",
+    "cuda:sm_90": "NVIDIA Hopper (H100, H200) machine code and PTX",
+    "arm": "64-bit ARM Linux (aarch64) with NEON, cross-compiled with aarch64-linux-gnu-gcc",
+}
+
+
 def list_targets() -> dict[str, dict[str, Any]]:
     """Return every named target with its TVM target JSON, as TVM completes it."""
-    names = ["cpu", "cuda", "cuda:sm_80", "cuda:sm_90", "arm"]
-    return {name: export_json(resolve_target(name)) for name in names}
+    return {name: export_json(resolve_target(name)) for name in _TARGET_DESCRIPTIONS}
+
+
+def target_descriptions() -> dict[str, str]:
+    """Return a one-line description of every named target, in ``list_targets`` order."""
+    return dict(_TARGET_DESCRIPTIONS)
 
 
 def export_json(target: "tvm.target.Target") -> dict[str, Any]:
