@@ -12,8 +12,10 @@ graph with the trained values:
 
 Float constants in weight-like positions (see ``PARAMETER_INPUTS``) become ``nn.Parameter``s;
 every other constant (batch-norm running statistics, shapes, indices, folded tensors) becomes a
-buffer. Constants named ``conv1.weight`` cannot be attribute names, so each gets a sanitized
-name (``conv1_weight``); ``constant_names`` maps it back.
+buffer. ``trainable_constants="float"`` widens that to every finite float constant with more
+than one element except batch-norm running statistics, which also covers the weight operand of
+a matmul and folded tensors. Constants named ``conv1.weight`` cannot be attribute names, so
+each gets a sanitized name (``conv1_weight``); ``constant_names`` maps it back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import re
 import numpy as np
 import torch
 
-from graphcomp.errors import ShapeError
+from graphcomp.errors import OptionError, ShapeError
 from graphcomp.executor import run_torch
 from graphcomp.ir import Constant, Graph, Node
 
@@ -32,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Input positions, per op, of the weights and biases that training should update. Batch norm's
 # running mean and variance (inputs 3 and 4) are statistics, not weights, so they stay buffers.
-# NOTE: a constant operand of matmul (an ONNX MatMul with a weight) stays a buffer; convert
-# such nodes to linear first to train them.
+# NOTE: with trainable_constants="weights", a constant operand of matmul (an ONNX MatMul with a
+# weight) stays a buffer; pass trainable_constants="float" to train it.
 PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
     "conv2d": (1, 2),
     "conv_transpose2d": (1, 2),
@@ -43,6 +45,12 @@ PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
     "embedding": (1,),
 }
 
+# Inputs that hold statistics rather than weights; trainable_constants="float" keeps them buffers.
+STATISTIC_INPUTS: dict[str, tuple[int, ...]] = {"batch_norm": (3, 4)}
+
+# trainable_constants selectors: which constants become nn.Parameters.
+TRAINABLE_SELECTORS = ("weights", "float")
+
 
 class GraphModule(torch.nn.Module):
     """A graph as a PyTorch module whose parameters are the graph's weights.
@@ -50,17 +58,30 @@ class GraphModule(torch.nn.Module):
     ``forward`` takes the graph inputs positionally, as tensors of the graph's static shapes,
     and returns one tensor, or a tuple for several graph outputs. The module keeps its own copy
     of ``graph``, so later edits to the argument do not change it.
+
+    ``trainable_constants`` selects the parameters: ``"weights"`` (the inputs listed in
+    ``PARAMETER_INPUTS``) or ``"float"`` (every finite float constant with more than one
+    element, except the inputs listed in ``STATISTIC_INPUTS``).
     """
 
-    def __init__(self, graph: Graph, trainable: bool = True):
+    def __init__(self, graph: Graph, trainable: bool = True,
+                 trainable_constants: str = "weights"):
         super().__init__()
+        if trainable_constants not in TRAINABLE_SELECTORS:
+            raise OptionError(
+                f"trainable_constants must be one of {list(TRAINABLE_SELECTORS)}, got "
+                f"{trainable_constants!r}"
+            )
         self.graph = graph.copy()
         # attribute name -> constant name, for parameters and buffers alike
         self.constant_names: dict[str, str] = {}
         # Keyed by the constant objects themselves (not ids), so copy.deepcopy of the module
         # maps the copied constants to the same attributes.
         self._attribute_of: dict[Constant, str] = {}
-        trained = _parameter_constants(self.graph)
+        if trainable_constants == "float":
+            trained = _float_constants(self.graph)
+        else:
+            trained = _parameter_constants(self.graph)
         for const in self.graph.constants():
             attribute = self._attribute_name(const.name)
             tensor = torch.from_numpy(np.array(const.data, copy=True))
@@ -136,11 +157,30 @@ def _parameter_constants(graph: Graph) -> set[int]:
     return trained
 
 
+def _float_constants(graph: Graph) -> set[int]:
+    """Collect the ids of the finite float constants with more than one element, leaving out
+    any constant that some node reads in a ``STATISTIC_INPUTS`` position."""
+    statistics = {
+        id(node.inputs[index])
+        for node in graph.nodes
+        for index in STATISTIC_INPUTS.get(node.op, ())
+        if index < len(node.inputs)
+    }
+    return {
+        id(const) for const in graph.constants()
+        if id(const) not in statistics
+        and np.issubdtype(np.dtype(const.dtype), np.floating)
+        and const.data.size > 1
+        and bool(np.isfinite(const.data).all())
+    }
+
+
 def _is_float_constant(node: Node, index: int) -> bool:
     value = node.inputs[index]
     return isinstance(value, Constant) and np.issubdtype(np.dtype(value.dtype), np.floating)
 
 
-def to_torch(graph: Graph, trainable: bool = True) -> GraphModule:
+def to_torch(graph: Graph, trainable: bool = True,
+             trainable_constants: str = "weights") -> GraphModule:
     """Wrap ``graph`` in a GraphModule (see its docstring)."""
-    return GraphModule(graph, trainable)
+    return GraphModule(graph, trainable, trainable_constants)
