@@ -64,23 +64,13 @@ def load_dataset(path: str | Path, graph: Graph, max_samples: int | None = None)
             f"{path}: missing array(s) {missing} for graph input(s); the file has "
             f"{sorted(arrays)} (arrays must be named after the inputs {names})"
         )
+    unused = sorted(set(arrays) - set(names))
+    if unused:
+        log.warning("%s: ignoring array(s) %s that name no graph input", path, unused)
 
-    counts = {}
-    for value in graph.inputs:
-        array = arrays[value.name]
-        batch = value.shape[0] if value.shape else 1
-        if array.shape[1:] != value.shape[1:] or array.shape[0] % max(batch, 1):
-            raise ShapeError(
-                f"{path}: array '{value.name}' has shape {array.shape}; expected N x "
-                f"{list(value.shape[1:])} with N a multiple of the batch size {batch}"
-            )
-        counts[value.name] = array.shape[0] // max(batch, 1)
-    if len(set(counts.values())) != 1:
-        raise ShapeError(f"{path}: inputs hold different numbers of batches: {counts}")
-    total = next(iter(counts.values()))
+    total = _count_batches(path, graph, arrays)
     if max_samples is not None:
         total = min(total, max_samples)
-
     batches = []
     for i in range(total):
         feeds = {}
@@ -92,19 +82,57 @@ def load_dataset(path: str | Path, graph: Graph, max_samples: int | None = None)
             )
         batches.append(feeds)
     if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        batch = max(graph.inputs[0].shape[0], 1)
-        labels = labels[: total * batch]
+        labels = _check_labels(path, labels, total * max(graph.inputs[0].shape[0], 1), arrays,
+                               graph)
     return Dataset(batches, labels, str(path))
+
+
+def _count_batches(path: Path, graph: Graph, arrays: dict[str, np.ndarray]) -> int:
+    """Return how many graph batches the arrays hold; raise ShapeError if they disagree."""
+    counts = {}
+    for value in graph.inputs:
+        array = arrays[value.name]
+        batch = value.shape[0] if value.shape else 1
+        if array.shape[1:] != value.shape[1:] or array.shape[0] % max(batch, 1):
+            raise ShapeError(
+                f"{path}: array '{value.name}' has shape {array.shape}; expected N x "
+                f"{list(value.shape[1:])} with N a multiple of the batch size {batch}"
+            )
+        counts[value.name] = array.shape[0] // max(batch, 1)
+    if len(set(counts.values())) != 1:
+        raise ShapeError(f"{path}: inputs contain different numbers of batches: {counts}")
+    total = next(iter(counts.values()))
+    if total == 0:
+        raise ShapeError(f"{path}: the input arrays contain no examples")
+    return total
+
+
+def _check_labels(path: Path, labels: np.ndarray, used: int, arrays, graph: Graph) -> np.ndarray:
+    """Check that labels are one integer class per example; return those of the used batches."""
+    examples = len(arrays[graph.inputs[0].name])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ShapeError(
+            f"{path}: 'labels' must be a 1-D integer array of class indices, got "
+            f"{labels.dtype} with shape {labels.shape}"
+        )
+    if len(labels) != examples:
+        raise ShapeError(
+            f"{path}: 'labels' has {len(labels)} entries but the inputs contain {examples} "
+            "examples; give one label per example"
+        )
+    return labels[:used]
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise GraphcompError(f"{path}: data file not found")
+    if not zipfile.is_zipfile(path):
+        raise GraphcompError(
+            f"{path}: not a .npz archive; write one with numpy.savez(path, NAME=array, ...), "
+            "one array per graph input"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise GraphcompError(f"{path}: expected a .npz archive of named arrays")
             return {name: npz[name] for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise GraphcompError(f"{path}: not a readable .npz file ({exc})") from None

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from graphcomp.data import Dataset
-from graphcomp.errors import GraphcompError, ModelLoadError
+from graphcomp.errors import GraphcompError, ModelLoadError, OptionError
 from graphcomp.ir import Graph
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,10 @@ def _from_python(path: Path, function: str) -> LoadedModel:
     builder = getattr(module, function, None)
     if builder is None:
         raise ModelLoadError(f"{path}: no function named '{function}'")
-    built = builder()
+    try:
+        built = builder()
+    except Exception as exc:
+        raise ModelLoadError(f"{path}:{function} raised {type(exc).__name__}: {exc}") from exc
     if not (isinstance(built, tuple) and len(built) == 2):
         raise ModelLoadError(
             f"{path}:{function} must return (torch.nn.Module, tuple of example inputs)"
@@ -193,9 +196,20 @@ def _from_zoo(name: str, input_shapes) -> LoadedModel:
         if tuple(shapes["x"]) == PPOCR_SHAPES[kind]["x"]:
             images = {"x": ppocr_inputs(kind, count=4)}
             loaded.default_data = _dataset_from_arrays(loaded.graph, images, "rendered text")
+        else:
+            log.warning(
+                "zoo:%s: rendered text images exist only for the input shape %s, so the "
+                "shape %s is verified on random inputs unless --data is given",
+                name, PPOCR_SHAPES[kind]["x"], tuple(shapes["x"]),
+            )
         return loaded
     from graphcomp import models
 
+    if input_shapes:
+        raise OptionError(
+            f"zoo:{name} is a PyTorch model with fixed input shapes; --input-shape applies to "
+            "ONNX models with dynamic dims"
+        )
     if name == "digits-cnn":
         module, example = models.digits_cnn()
         loaded = _from_torch(module, example, "zoo:digits-cnn")

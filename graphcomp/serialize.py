@@ -112,7 +112,7 @@ def _constant_dict(const: Constant) -> dict[str, Any]:
 
 
 def graph_from_dict(payload: dict[str, Any], source: str = "<dict>") -> Graph:
-    if payload.get("format") != FORMAT_NAME:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise ModelLoadError(f"{source}: not a graphcomp graph (missing format '{FORMAT_NAME}')")
     if payload.get("version") != FORMAT_VERSION:
         raise ModelLoadError(
@@ -160,7 +160,13 @@ def load_graph(path: str | os.PathLike) -> Graph:
         raise ModelLoadError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: not a valid graph JSON file ({exc})") from None
-    return graph_from_dict(payload, str(path))
+    try:
+        return graph_from_dict(payload, str(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path}: malformed graph JSON ({type(exc).__name__}: {exc}); save it again with "
+            "graphcomp.serialize.save_graph"
+        ) from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -175,9 +181,18 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file readable by its owner only; give it the usual permissions.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """Return the process umask (reading it means setting it, so set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -9,6 +9,7 @@ match PyTorch to a max abs error of 1e-5.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -272,6 +273,26 @@ def test_load_rejects_weights_not_in_manifest(artifact):
 
 def test_load_rejects_corrupt_library(artifact):
     (artifact / "model.so").write_bytes(b"not a shared library")
+    with pytest.raises(ArtifactError, match="truncated or was changed"):
+        load_artifact(artifact)
+
+
+def test_load_rejects_truncated_library(artifact):
+    # dlopen of a truncated library crashes the process, so the checksum must catch it first.
+    library = artifact / "model.so"
+    library.write_bytes(library.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="1000 bytes"):
+        load_artifact(artifact)
+
+
+def test_load_rejects_unloadable_library(artifact):
+    # A library whose checksum matches the manifest but which the loader rejects.
+    library = artifact / "model.so"
+    library.write_bytes(b"not a shared library")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    digest = hashlib.sha256(library.read_bytes()).hexdigest()
+    manifest["library"] = {"file": "model.so", "bytes": library.stat().st_size, "sha256": digest}
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="cannot load the library"):
         load_artifact(artifact)
 

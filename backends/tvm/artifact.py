@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ def write_artifact(model: "BuiltModel", out_dir: Path) -> None:
     import tvm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_library(model, out_dir)
+    library_path = write_library(model, out_dir)
     _save_npz(out_dir / WEIGHTS_FILE, model.weights)
     weight_specs = [
         TensorSpec(name, tuple(array.shape), str(array.dtype))
@@ -62,6 +63,8 @@ def write_artifact(model: "BuiltModel", out_dir: Path) -> None:
         "graphcomp_version": graphcomp.__version__,
         "tvm_version": tvm.__version__,
         "target": {"name": model.target_name, "json": model.target_json},
+        # Checked before loading: a truncated library crashes the process inside dlopen.
+        "library": {"file": LIBRARY_FILE, **_file_digest(library_path)},
         "inputs": [spec.to_json() for spec in model.inputs],
         "outputs": [spec.to_json() for spec in model.outputs],
         "weights": [spec.to_json() for spec in weight_specs],
@@ -180,8 +183,10 @@ def load_artifact(path: Path) -> "BuiltModel":
     folder = contents.folder
     target = _manifest_target(folder, contents.manifest)
     check_runs_here(target, f"artifact {folder} (target '{contents.target_name}')")
+    _check_library_digest(contents.library_path, contents.manifest)
     try:
-        library = tvm.runtime.load_module(str(contents.library_path))
+        with capture_native_stderr():
+            library = tvm.runtime.load_module(str(contents.library_path))
     except Exception as exc:  # the loader reports bad files with several exception types
         raise ArtifactError(
             f"{contents.library_path}: cannot load the library: {exc}"
@@ -196,6 +201,30 @@ def load_artifact(path: Path) -> "BuiltModel":
         weights=contents.weights,
         library_path=contents.library_path,
     )
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _check_library_digest(path: Path, manifest: dict[str, Any]) -> None:
+    expected = manifest.get("library")
+    if not isinstance(expected, dict) or "sha256" not in expected:
+        raise ArtifactError(
+            f"{path.parent / MANIFEST_FILE}: no library checksum; export the artifact again "
+            "with this graphcomp version"
+        )
+    actual = _file_digest(path)
+    if actual != {"bytes": expected.get("bytes"), "sha256": expected["sha256"]}:
+        raise ArtifactError(
+            f"{path}: the library is {actual['bytes']} bytes with a checksum that differs from "
+            f"the manifest ({expected.get('bytes')} bytes): the file is truncated or was "
+            "changed; compile the model again"
+        )
 
 
 def check_feeds(inputs: list[TensorSpec], feeds: Mapping[str, np.ndarray]) -> None:
