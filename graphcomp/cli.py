@@ -9,32 +9,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import BarColumn
 from rich.table import Table
+from rich.text import Text
 
 from graphcomp import __version__
 from graphcomp.errors import GraphcompError, OptionError
 
 log = logging.getLogger("graphcomp")
-console = Console()
-error_console = Console(stderr=True)
-
-ISSUES_URL = "the graphcomp issue tracker"
+# Output piped to a file is not wrapped at 80 columns (rich's default without a terminal), so
+# that lines of IR text and table totals stay whole.
+console = Console(width=None if sys.stdout.isatty() else 200)
+error_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.handler(args)
     except GraphcompError as exc:
-        error_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _print_error("error:", str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         error_console.print("interrupted; no output was written")
@@ -42,13 +46,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 (the last line of defence of a command-line tool)
         if args.verbose:
             error_console.print_exception()
-        error_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
-            f"This is a bug in graphcomp. Rerun with -v for the traceback and report it to "
-            f"{ISSUES_URL} with the command line and the model.",
-            highlight=False, soft_wrap=True,
+        _print_error(
+            "internal error:",
+            f"{type(exc).__name__}: {exc}\nThis is a bug in graphcomp. Rerun with -v for the "
+            "traceback and report it in the graphcomp repository's issues, with the command "
+            "line and the model.",
         )
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so staging folders are removed on the way out.
+    raise KeyboardInterrupt
+
+
+def _print_error(label: str, message: str) -> None:
+    # The message is plain text: square brackets in it (shapes, names) are not rich markup.
+    error_console.print(Text.assemble((label, "bold red"), " ", message), soft_wrap=True)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -94,7 +110,38 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="write the IR text form after each pass into this folder")
     compile_.add_argument("--repeat", type=int, default=5,
                           help="timed runs for the latency figures (default 5)")
+    tuning = compile_.add_argument_group("tuning")
+    tuning.add_argument("--tune", action="store_true",
+                        help="tune every kernel with MetaSchedule before building; kernels "
+                             "with enough records in the tuning database are reused")
+    tuning.add_argument("--trials", type=int, default=8, metavar="N",
+                        help="measured candidates per kernel (default 8)")
+    _add_tuning_db_argument(tuning)
+    tuning.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                        help="measure candidates on the devices of this TVM RPC tracker")
+    tuning.add_argument("--rpc-key", metavar="KEY",
+                        help="device key the RPC servers registered at the tracker")
     compile_.set_defaults(handler=_cmd_compile)
+
+    tune_db = commands.add_parser("tune-db", help="list or prune the tuning database")
+    _add_tuning_db_argument(tune_db)
+    tune_db_commands = tune_db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = tune_db_commands.add_parser(
+        "list", help="per target: workloads, records and the slowest tuned kernels"
+    )
+    listing.add_argument("--limit", type=int, default=10, metavar="N",
+                         help="kernels shown per target, slowest first; 0 shows all "
+                              "(default 10)")
+    listing.set_defaults(handler=_cmd_tune_db_list)
+    prune = tune_db_commands.add_parser(
+        "prune", help="keep the N fastest records per kernel; --keep 0 removes the records"
+    )
+    prune.add_argument("--keep", type=int, required=True, metavar="N",
+                       help="records kept per kernel; 0 removes the target's file")
+    prune.add_argument("--target", metavar="KEY",
+                       help="prune only this target: its key as 'list' shows it, or a target "
+                            "name such as cpu (default: all targets)")
+    prune.set_defaults(handler=_cmd_tune_db_prune)
 
     run = commands.add_parser("run", help="run a compiled artifact on .npy inputs")
     run.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
@@ -124,6 +171,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
         help="fix the dims of an input with dynamic dims, e.g. x=1,3,640,640 (repeatable)",
     )
+
+
+def _add_tuning_db_argument(parser) -> None:
+    parser.add_argument("--tuning-db", type=Path, metavar="PATH",
+                        help="tuning database folder (default: $XDG_CACHE_HOME/graphcomp/"
+                             "tuning, else ~/.cache/graphcomp/tuning)")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -231,27 +284,59 @@ def _cmd_compile(args) -> int:
 
     from graphcomp.compiler import CompileOptions, compile_model
 
-    if args.samples < 1 or args.max_samples < 1 or args.repeat < 1:
-        raise OptionError("--samples, --max-samples and --repeat must be at least 1")
-    if not args.tolerance > 0:
-        raise OptionError(f"--tolerance must be positive, got {args.tolerance}")
+    for flag, value in (("--samples", args.samples), ("--max-samples", args.max_samples),
+                        ("--repeat", args.repeat)):
+        if value < 1:
+            raise OptionError(f"{flag} must be at least 1, got {value}")
+    if not 0 < args.tolerance < float("inf"):
+        raise OptionError(f"--tolerance must be a positive finite number, got {args.tolerance}")
     options = CompileOptions(
         target=args.target, passes=args.passes, input_shapes=_input_shapes(args),
         data=args.data, seed=args.seed, samples=args.samples, max_samples=args.max_samples,
         tolerance=args.tolerance, verify_passes=not args.no_verify_passes,
-        dump_dir=args.dump_dir, benchmark_repeat=args.repeat,
+        dump_dir=args.dump_dir, benchmark_repeat=args.repeat, tune=args.tune,
+        trials=args.trials, tuning_db=args.tuning_db, rpc_tracker=args.rpc_tracker,
+        rpc_key=args.rpc_key,
     )
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), _OptionalBarColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
     with Progress(*columns, console=error_console, transient=True) as progress:
-        task = progress.add_task("starting", total=None)
+        task = progress.add_task("starting", total=None, detail="")
+        tuning_task = progress.add_task("tuning", total=None, detail="", visible=False)
 
         def step(message: str) -> None:
             log.info("%s", message)
             progress.update(task, description=message)
+            progress.update(tuning_task, visible=False)
 
-        report = compile_model(args.model, args.output, options, progress=step)
+        def show_tuning(state) -> None:
+            progress.update(tuning_task, visible=True, total=max(state.trials_planned, 1),
+                            completed=state.trials_done, detail=_tuning_detail(state))
+
+        report = compile_model(args.model, args.output, options, progress=step,
+                               tuning_progress=show_tuning)
     _print_summary(report)
     return 0
+
+
+class _OptionalBarColumn(BarColumn):
+    """A bar for progress tasks with a total; nothing for the plain step messages."""
+
+    def render(self, task):
+        return super().render(task) if task.total is not None else Text("")
+
+
+def _tuning_detail(state) -> str:
+    """One line for the tuning bar: tasks, trials, the last task's and the model's best."""
+    parts = [f"tasks {state.tasks_done}/{state.tasks_total}"]
+    if state.reused_tasks:
+        parts[0] += f" ({state.reused_tasks} reused)"
+    parts.append(f"trials {state.trials_done}/{state.trials_planned}")
+    if state.task_best_ms is not None:
+        parts.append(f"{state.task_name} best {state.task_best_ms:.3f} ms")
+    if state.estimated_ms is not None:
+        parts.append(f"kernels total {state.estimated_ms:.2f} ms")
+    return ", ".join(parts)
 
 
 def _print_summary(report) -> None:
@@ -278,9 +363,83 @@ def _print_summary(report) -> None:
     if "skipped" not in latency:
         reference = next(k for k in latency if k != "graphcomp")
         ratio = latency["graphcomp"] / latency[reference] if latency[reference] else float("nan")
+        state = "tuned" if "tuning" in report else "untuned"
         lines.append(f"  latency  {reference} {latency[reference]:.3f} ms, graphcomp "
-                     f"{latency['graphcomp']:.3f} ms (ratio {ratio:.2f}, untuned)")
+                     f"{latency['graphcomp']:.3f} ms (ratio {ratio:.2f}, {state})")
+    if "tuning" in report:
+        tuning = report["tuning"]
+        lines.append(
+            f"  tuning   {tuning['trials']} trials in {tuning['seconds']:.0f} s "
+            f"({tuning['trials_per_minute']:.0f}/min), {tuning['tasks']} kernels: "
+            f"{tuning['reused_tasks']} reused, {tuning['applied_tasks']} applied; "
+            f"database {tuning['database']}"
+        )
     console.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+# --- tune-db ----------------------------------------------------------------------------------
+
+
+def _cmd_tune_db_list(args) -> int:
+    from graphcomp.backends.tvm.tuning_db import TuningDatabase
+
+    if args.limit < 0:
+        raise OptionError(f"--limit must be 0 or more, got {args.limit}")
+    database = TuningDatabase(args.tuning_db)
+    summaries = database.summaries()
+    if not summaries:
+        console.print(f"no tuning records in {database.folder}")
+        return 0
+    for summary in summaries:
+        target = summary.target
+        console.print(
+            f"[bold]{summary.key}[/] ({target.get('kind')}, "
+            f"{target.get('mcpu') or target.get('arch') or 'generic'}, "
+            f"{target.get('num-cores', '?')} cores): {len(summary.workloads)} workloads, "
+            f"{summary.tuned_workloads} with a working schedule, {summary.records} records",
+            highlight=False,
+        )
+        _print_workload_table(summary.workloads, args.limit)
+    return 0
+
+
+def _print_workload_table(workloads, limit: int) -> None:
+    table = Table(title_justify="left")
+    for column in ("kernel", "records", "best ms"):
+        table.add_column(column, justify="left" if column == "kernel" else "right")
+    # Kernels without a working schedule (infinite best time) come first.
+    slowest_first = sorted(workloads, key=lambda w: w.best_seconds(), reverse=True)
+    shown = slowest_first if limit == 0 else slowest_first[:limit]
+    for workload in shown:
+        best = workload.best_seconds()
+        table.add_row(workload.name or f"workload {workload.index}", str(len(workload.records)),
+                      "failed" if best == float("inf") else f"{best * 1000:.4g}")
+    if len(shown) < len(workloads):
+        table.caption = f"{len(workloads) - len(shown)} faster kernels not shown (--limit 0)"
+    console.print(table)
+
+
+def _cmd_tune_db_prune(args) -> int:
+    from graphcomp.backends.tvm.tuning_db import TuningDatabase
+
+    database = TuningDatabase(args.tuning_db)
+    key = args.target
+    if key is not None and not any(path.stem == key for path in database.files()):
+        key = _target_key_of_name(key)
+    for path, before, after in database.prune(args.keep, key):
+        if args.keep == 0:
+            console.print(f"removed {path} ({before} records)")
+        else:
+            console.print(f"{path}: kept {after} of {before} records")
+    return 0
+
+
+def _target_key_of_name(name: str) -> str:
+    from graphcomp.backends.tvm import resolve_target
+    from graphcomp.backends.tvm.targets import export_json
+    from graphcomp.backends.tvm.tuning_db import target_key
+
+    return target_key(export_json(resolve_target(name)))
 
 
 # --- run, passes, targets ---------------------------------------------------------------------
@@ -290,6 +449,8 @@ def _cmd_run(args) -> int:
     from graphcomp.backends.tvm import load_artifact
     from graphcomp.serialize import write_bytes_atomic
 
+    if args.benchmark < 0:
+        raise OptionError(f"--benchmark must be 0 or more runs, got {args.benchmark}")
     model = load_artifact(args.artifact)
     feeds = _read_inputs(args.input, [spec.name for spec in model.inputs])
     outputs = model.run(feeds)
@@ -304,7 +465,12 @@ def _cmd_run(args) -> int:
 
         buffer = io.BytesIO()
         np.savez(buffer, **outputs)
-        write_bytes_atomic(args.output, buffer.getvalue())
+        if args.output.is_dir():
+            raise OptionError(f"-o {args.output}: is a folder; give a file name such as out.npz")
+        try:
+            write_bytes_atomic(args.output, buffer.getvalue())
+        except OSError as exc:
+            raise OptionError(f"-o {args.output}: cannot write the file ({exc.strerror})") from None
         console.print(f"wrote {args.output}")
     return 0
 
@@ -319,6 +485,8 @@ def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarr
                     f"--input {spec}: the model has inputs {input_names}; write NAME=FILE.npy"
                 )
             name, file_name = input_names[0], spec
+        if name in feeds:
+            raise OptionError(f"--input {spec}: input '{name}' is given twice")
         path = Path(file_name)
         try:
             feeds[name] = np.load(path, allow_pickle=False)

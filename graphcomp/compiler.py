@@ -6,7 +6,8 @@
 2. Pick the inputs: the user's dataset, the model's own real data (zoo models), or seeded
    random feeds.
 3. Run the pass pipeline, verifying each pass with the reference executor.
-4. Build the final graph with the TVM backend.
+4. With ``tune``: tune the final graph's kernels with MetaSchedule, reusing the records of
+   the tuning database. Build the final graph with the TVM backend (and the tuned schedules).
 5. ``verify``: the built artifact against the final graph in the reference executor (is the
    backend right?). ``drift``: the final graph against the original model (what did the passes
    cost?).
@@ -30,10 +31,10 @@ import numpy as np
 from graphcomp import __version__, executor
 from graphcomp.analysis import graph_stats
 from graphcomp.data import Dataset, load_dataset, random_feeds
-from graphcomp.errors import GraphcompError, VerificationError
+from graphcomp.errors import GraphcompError, OptionError, VerificationError
 from graphcomp.ir import Graph
 from graphcomp.models_io import LoadedModel, load_model
-from graphcomp.serialize import format_graph, save_graph, write_text_atomic
+from graphcomp.serialize import current_umask, format_graph, save_graph, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,22 @@ class CompileOptions:
     verify_passes: bool = True
     dump_dir: Path | None = None
     benchmark_repeat: int = 5
+    tune: bool = False  # tune the kernels with MetaSchedule before building
+    trials: int = 8  # tuning trials per task (kernel)
+    tuning_db: Path | None = None  # tuning database folder; None is the user's cache folder
+    rpc_tracker: str | None = None  # HOST:PORT of a TVM RPC tracker to measure on
+    rpc_key: str | None = None  # device key registered at that tracker
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 Progress = Callable[[str], None]
+# Receives a graphcomp.backends.tvm.TuningProgress after each tuning batch.
+TuningProgressCallback = Callable[[Any], None]
 
 
 def compile_model(
     model: Any, out_dir: str | Path, options: CompileOptions | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, tuning_progress: TuningProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Compile ``model`` (a spec or a LoadedModel) into ``out_dir``; return the report."""
     from graphcomp.backends import tvm as tvm_backend
@@ -76,6 +84,9 @@ def compile_model(
     passes_text = DEFAULT_PIPELINE if options.passes is None else options.passes
     passes = parse_pipeline(passes_text)  # bad pass names fail before any slow work
     tvm_backend.resolve_target(options.target)
+    tuning_options = _tuning_options(options)
+    if options.dump_dir is not None:
+        _prepare_dump_dir(Path(options.dump_dir))
     staging = reserve_output(out_dir)
     try:
         step("importing model")
@@ -93,14 +104,22 @@ def compile_model(
         pipeline_report = manager.run(original)
         final = pipeline_report.graph
 
+        tuning = None
+        if tuning_options is not None:
+            step(f"tuning for target '{options.target}'")
+            tuning = tvm_backend.tune(final, options.target, tuning_options, tuning_progress)
         step(f"building for target '{options.target}'")
         start = time.perf_counter()
-        built = tvm_backend.build(final, options.target)
+        built = tvm_backend.build(
+            final, options.target, tuning_database=tuning.database if tuning else None
+        )
         build_seconds = time.perf_counter() - start
 
         report = _base_report(loaded, options, passes_text, original, final, dataset)
         report["passes_run"] = pipeline_report.to_dict()["records"]
         report["build_seconds"] = round(build_seconds, 3)
+        if tuning is not None:
+            report["tuning"] = tuning.to_report()  # after the build, which counts applied tasks
         if options.target in HOST_TARGETS:
             step("verifying against the reference executor and the original model")
             _verify_and_measure(report, loaded, final, built, dataset, options)
@@ -121,6 +140,25 @@ def compile_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _tuning_options(options: CompileOptions):
+    """Return the backend's TuningOptions for ``options.tune``, else None; checks the RPC
+    options first so that bad ones fail before any slow work."""
+    from graphcomp.backends.tvm import RpcOptions, TuningOptions
+
+    rpc = None
+    if options.rpc_tracker is not None:
+        rpc = RpcOptions.parse(options.rpc_tracker, options.rpc_key)
+    elif options.rpc_key is not None:
+        raise OptionError("--rpc-key needs --rpc-tracker HOST:PORT")
+    if not options.tune:
+        if rpc is not None:
+            raise OptionError("--rpc-tracker measures tuning candidates; add --tune")
+        return None
+    tuning = TuningOptions(trials=options.trials, database=options.tuning_db, rpc=rpc)
+    tuning.check()
+    return tuning
 
 
 def _pick_dataset(loaded: LoadedModel, options: CompileOptions) -> Dataset:
@@ -167,7 +205,7 @@ def _verify_and_measure(report, loaded, final, built, dataset, options) -> None:
             verify.add(expected[value.name], actual[value.name])
     report["verify"] = verify.to_dict()
     report["drift"] = _drift(loaded, final, dataset)
-    if verify.relative_error > options.tolerance:
+    if verify.mismatch or verify.relative_error > options.tolerance:
         raise VerificationError(
             f"the built artifact differs from the reference executor by "
             f"{verify.relative_error:.3g} (relative to the output scale), above the tolerance "
@@ -218,18 +256,33 @@ class ErrorStats:
             raise VerificationError(
                 f"output shapes differ: expected {expected.shape}, got {actual.shape}"
             )
-        diff = np.abs(expected - actual)
+        # NaN where the other side has a number is an infinite error, so that a backend that
+        # returns NaN (or loses the model's NaN) never passes; NaN on both sides agrees.
+        expected_nan, actual_nan = np.isnan(expected), np.isnan(actual)
+        both = expected_nan & actual_nan
+        diff = np.abs(np.where(both, 0.0, expected - actual))
+        diff[expected_nan ^ actual_nan] = np.inf
         self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
         self.abs_sum += float(diff.sum())
         self.count += diff.size
-        self.scale = max(self.scale, float(np.abs(expected).max(initial=0.0)))
+        finite = np.abs(expected[np.isfinite(expected)])
+        self.scale = max(self.scale, float(finite.max(initial=0.0)))
+        expected, actual = np.where(both, 0.0, expected), np.where(both, 0.0, actual)
         norms = np.linalg.norm(expected) * np.linalg.norm(actual)
-        if norms > 0:
-            self.min_cosine = min(self.min_cosine, float(expected.ravel() @ actual.ravel() / norms))
+        if not np.isfinite(norms):
+            self.min_cosine = float("nan")
+        elif norms > 0:
+            cosine = float(expected.ravel() @ actual.ravel() / norms)
+            self.min_cosine = min(self.min_cosine, cosine)
 
     @property
     def relative_error(self) -> float:
         return self.max_abs / self.scale if self.scale > 0 else self.max_abs
+
+    @property
+    def mismatch(self) -> bool:
+        """True when an error is infinite or NaN, which no tolerance accepts."""
+        return not np.isfinite(self.max_abs) or np.isnan(self.min_cosine)
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -251,7 +304,18 @@ def _to_json(report: dict[str, Any]) -> str:
             return str(value)
         raise TypeError(f"cannot write {type(value).__name__} to report.json")
 
-    return json.dumps(report, indent=2, default=default) + "\n"
+    return json.dumps(_finite(report), indent=2, default=default, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN and infinity, which JSON cannot hold, by the strings "nan", "inf", "-inf"."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return str(float(value))
+    return value
 
 
 # --- output folders ---------------------------------------------------------------------------
@@ -259,17 +323,25 @@ def _to_json(report: dict[str, Any]) -> str:
 
 def reserve_output(out_dir: Path) -> Path:
     """Create an empty staging folder beside ``out_dir``; check ``out_dir`` may be replaced."""
+    if out_dir.resolve() == Path(out_dir.resolve().anchor) or out_dir.resolve() == Path.cwd():
+        raise GraphcompError(
+            f"{out_dir}: the output folder would replace the current folder or the file "
+            "system root; choose a new folder such as out/model"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise GraphcompError(f"{out_dir}: exists and is not a folder; choose another -o path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_graphcomp_output(out_dir):
         raise GraphcompError(
-            f"{out_dir}: folder exists and is not a graphcomp output (no {REPORT_NAME} or "
-            "manifest.json); choose an empty or new folder"
+            f"{out_dir}: folder exists and is not a graphcomp output (no manifest.json written "
+            "by graphcomp); choose an empty or new folder"
         )
     parent = out_dir.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+        # mkdtemp makes the folder private; the artifact gets the usual permissions instead.
+        staging.chmod(0o777 & ~current_umask())
+        return staging
     except OSError as exc:
         raise GraphcompError(
             f"{out_dir}: cannot write the output folder ({exc.strerror}); choose a writable -o path"
@@ -287,5 +359,22 @@ def publish_output(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _prepare_dump_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OptionError(f"--dump-dir {folder}: a file is in the way; choose a folder") from None
+    except OSError as exc:
+        raise OptionError(f"--dump-dir {folder}: cannot create the folder ({exc.strerror})") from None
+
+
 def _is_graphcomp_output(folder: Path) -> bool:
-    return (folder / REPORT_NAME).exists() or (folder / "manifest.json").exists()
+    """True when ``folder`` contains a manifest written by graphcomp (another tool's
+    manifest.json must not get its folder replaced)."""
+    import json
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("graphcomp")

@@ -68,6 +68,11 @@ def load_dataset(path: str | Path, graph: Graph, max_samples: int | None = None)
     if unused:
         log.warning("%s: ignoring array(s) %s that name no graph input", path, unused)
 
+    for name in names:
+        array = arrays[name]
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            log.warning("%s: array '%s' contains NaN or infinity; outputs may not compare",
+                        path, name)
     total = _count_batches(path, graph, arrays)
     if max_samples is not None:
         total = min(total, max_samples)

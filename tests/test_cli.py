@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -172,3 +174,97 @@ def test_console_script_exit_code(tmp_path):
     )
     assert result.returncode == 2
     assert "absent.onnx" in result.stderr
+
+
+def test_foreign_folder_with_manifest_kept(model_file, tmp_path, capsys):
+    # Another tool's folder that happens to contain a manifest.json must not be replaced.
+    folder = tmp_path / "extension"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    (folder / "background.js").write_text("keep me")
+    code = main(["compile", str(model_file), "--input-shape", "x=1,3,8,8", "-o", str(folder)])
+    assert code == 2
+    assert (folder / "background.js").read_text() == "keep me"
+    assert "not a graphcomp output" in capsys.readouterr().err
+
+
+def test_current_folder_as_output_rejected(model_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["compile", str(model_file), "--input-shape", "x=1,3,8,8", "-o", "."])
+    assert code == 2
+    assert "current folder" in capsys.readouterr().err
+
+
+def test_dump_dir_blocked_by_file(model_file, tmp_path, capsys):
+    blocker = tmp_path / "dump"
+    blocker.write_text("")
+    err = compile_fails([str(model_file), "--input-shape", "x=1,3,8,8", "--dump-dir",
+                         str(blocker)], tmp_path / "out", capsys)
+    assert "--dump-dir" in err
+
+
+def test_error_text_keeps_square_brackets(model_file, tmp_path, capsys):
+    err = compile_fails([str(model_file)], tmp_path / "out", capsys)
+    # The dynamic dims are listed as [N, 3, 8, 8]; rich markup must not swallow them.
+    assert "[N, 3, 8, 8]" in err
+
+
+def test_data_labels_checked(model_file, tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((4, 3, 8, 8), np.float32), labels=np.zeros(3, np.int64))
+    err = compile_fails([str(model_file), "--input-shape", "x=1,3,8,8", "--data", str(data)],
+                        tmp_path / "out", capsys)
+    assert "'labels' has 3 entries" in err
+
+
+def test_data_accuracy_from_labels(model_file, tmp_path):
+    x = np.random.default_rng(2).uniform(-1, 1, (6, 3, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(model_file))
+    labels = np.array([session.run(None, {"x": x[i:i + 1]})[0].argmax() for i in range(6)])
+    labels[0] = (labels[0] + 1) % 5  # one wrong label: accuracy 5/6
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, labels=labels)
+    out = tmp_path / "out"
+    code = main(["compile", str(model_file), "--input-shape", "x=1,3,8,8", "--data", str(data),
+                 "-o", str(out)])
+    assert code == 0
+    drift = json.loads((out / "report.json").read_text())["drift"]
+    assert drift["accuracy"] == pytest.approx(5 / 6)
+    assert drift["reference_accuracy"] == pytest.approx(5 / 6)
+
+
+def test_run_rejects_truncated_library(compiled, tmp_path, capsys):
+    copy = tmp_path / "artifact"
+    copy.mkdir()
+    for item in compiled.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    library = copy / "model.so"
+    library.write_bytes(library.read_bytes()[:5000])
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), np.float32))
+    code = main(["run", str(copy), "--input", f"x={tmp_path / 'x.npy'}"])
+    assert code == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_sigterm_leaves_no_partial_output(model_file, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "graphcomp.cli", "compile", str(model_file),
+         "--input-shape", "x=1,3,8,8", "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    # Wait until the staging folder exists, then terminate.
+    for _ in range(600):
+        if [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]:
+            break
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    if process.returncode == 0:
+        pytest.skip("the compile finished before the signal arrived")
+    assert process.returncode == 130
+    assert leftovers == []
+    assert not out.exists()

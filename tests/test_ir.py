@@ -172,3 +172,16 @@ def test_shape_inference_error_names_node():
     graph.node("fc").inputs[1] = Constant("bad", np.zeros((2, 5), np.float32))
     with pytest.raises(ShapeError, match="node 'fc' \\(op linear"):
         infer_shapes(graph)
+
+
+def test_error_stats_treat_lost_nan_as_mismatch():
+    from graphcomp.compiler import ErrorStats
+
+    stats = ErrorStats()
+    stats.add(np.array([1.0, 2.0]), np.array([np.nan, np.nan]))
+    assert stats.mismatch
+    assert stats.relative_error == float("inf")
+    agreeing = ErrorStats()
+    agreeing.add(np.array([np.nan, 2.0]), np.array([np.nan, 2.0]))
+    assert not agreeing.mismatch
+    assert agreeing.max_abs == 0.0

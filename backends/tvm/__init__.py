@@ -7,6 +7,7 @@ from .artifact import load_artifact
 from .lower import lower_to_relax
 from .model import BuiltModel, build
 from .targets import list_targets, resolve_target
+from .tuning import RpcOptions, TuningOptions, TuningProgress, TuningResult, tune
 
 __all__ = [
     "BuiltModel",
@@ -15,4 +16,9 @@ __all__ = [
     "load_artifact",
     "lower_to_relax",
     "resolve_target",
+    "RpcOptions",
+    "TuningOptions",
+    "TuningProgress",
+    "TuningResult",
+    "tune",
 ]

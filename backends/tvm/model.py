@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -22,11 +23,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def build(graph: Graph, target: str = "cpu") -> "BuiltModel":
+def build(graph: Graph, target: str = "cpu", tuning_database: Any = None) -> "BuiltModel":
     """Lower ``graph`` to Relax and compile it for the named target (see targets.py).
 
     CPU targets use TVM's default Relax pipeline; GPU targets add dlight schedules with a
-    fallback when a rule fails (gpu.py). Raises BackendError when TVM cannot compile.
+    fallback when a rule fails (gpu.py). With ``tuning_database`` (a MetaSchedule database,
+    such as ``tune(...).database``), kernels it has records for use the tuned schedules
+    (tuning.py). Raises BackendError when TVM cannot compile.
     TVM generates machine code lazily: the first ``run`` of the result, or its ``export``,
     takes seconds more on a large model.
     """
@@ -36,12 +39,19 @@ def build(graph: Graph, target: str = "cpu") -> "BuiltModel":
     started = time.perf_counter()
     module = lower_to_relax(graph)
     pipeline: Any = "default"
-    if "gpu" in tvm_target.keys:
+    scope: Any = contextlib.nullcontext()
+    if tuning_database is not None:
+        from .tuning import tuned_pipeline
+
+        pipeline = tuned_pipeline(tvm_target)
+        scope = tuning_database  # MetaSchedule's tuned pipeline reads the database in scope
+    elif "gpu" in tvm_target.keys:
         from .gpu import gpu_pipeline
 
         pipeline = gpu_pipeline(tvm_target)
     try:
-        executable = tvm.compile(module, target=tvm_target, relax_pipeline=pipeline)
+        with scope:
+            executable = tvm.compile(module, target=tvm_target, relax_pipeline=pipeline)
     except Exception as exc:  # TVM reports compile failures with many exception types
         raise BackendError(
             f"TVM failed to compile graph '{graph.name}' for target '{target}': {exc}"
