@@ -36,7 +36,7 @@ from onnx import helper, numpy_helper
 
 from graphcomp import __version__
 from graphcomp.errors import BackendError, OptionError
-from graphcomp.ir import Graph, Node, Value
+from graphcomp.ir import Constant, Graph, Node, Value
 from graphcomp.serialize import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -678,3 +678,197 @@ def convert_reduce(builder: OnnxBuilder, node: Node, inputs: list[str], outputs:
         builder.add(node, op_type, [inputs[0], axes_input], outputs, keepdims=keepdims)
     else:
         builder.add(node, op_type, inputs, outputs, axes=axes, keepdims=keepdims)
+
+
+# --- quantized ops ----------------------------------------------------------------------------
+# qconv2d and qlinear requantize as ONNX Runtime's QLinearConv does (see graphcomp.ops.quantized),
+# so the exported model computes the reference executor's integers.
+
+
+def _per_axis(node: Node) -> dict[str, int]:
+    data, scale = node.inputs[0], node.inputs[1]
+    if scale.rank == 0:
+        return {}
+    return {"axis": int(node.attrs.get("axis", 1)) % data.rank}
+
+
+@converts("quantize")
+def convert_quantize(builder: OnnxBuilder, node: Node, inputs: list[str], outputs: list[str]):
+    builder.add(node, "QuantizeLinear", inputs, outputs, **_per_axis(node))
+
+
+@converts("dequantize")
+def convert_dequantize(builder: OnnxBuilder, node: Node, inputs: list[str], outputs: list[str]):
+    zero_point = node.inputs[2]
+    if node.inputs[0].dtype == "int32":
+        # DequantizeLinear takes no zero point for int32 input (it must be 0).
+        if not isinstance(zero_point, Constant) or np.any(zero_point.data != 0):
+            raise OnnxExportError(
+                f"dequantize node '{node.name}': int32 input with a zero point other than a "
+                "constant 0 has no DequantizeLinear form"
+            )
+        inputs = inputs[:2]
+    builder.add(node, "DequantizeLinear", inputs, outputs, **_per_axis(node))
+
+
+def _quantized_constants(builder: OnnxBuilder, node: Node) -> dict[str, str]:
+    attrs = node.attrs
+    dtype = node.inputs[0].dtype
+    return {
+        "x_scale": builder.constant(node, "x_scale", attrs["x_scale"], "float32"),
+        "x_zero_point": builder.constant(node, "x_zero_point", attrs.get("x_zero_point", 0), dtype),
+        "y_scale": builder.constant(node, "y_scale", attrs["y_scale"], "float32"),
+        "y_zero_point": builder.constant(node, "y_zero_point", attrs.get("y_zero_point", 0), dtype),
+    }
+
+
+@converts("qconv2d")
+def convert_qconv2d(builder: OnnxBuilder, node: Node, inputs: list[str], outputs: list[str]):
+    attrs = node.attrs
+    params = _quantized_constants(builder, node)
+    out_channels = node.inputs[1].shape[0]
+    w_zero_point = builder.constant(node, "w_zero_point", np.zeros(out_channels, np.int8))
+    conv_inputs = [inputs[0], params["x_scale"], params["x_zero_point"], inputs[1], inputs[2],
+                   w_zero_point, params["y_scale"], params["y_zero_point"], *inputs[3:]]
+    conv_attrs = {
+        "kernel_shape": list(node.inputs[1].shape[2:]),
+        "strides": _ints(attrs.get("strides"), (1, 1)),
+        "pads": _ints(attrs.get("pads"), (0, 0, 0, 0)),
+        "dilations": _ints(attrs.get("dilations"), (1, 1)),
+        "group": int(attrs.get("groups", 1)),
+    }
+    low = -128 if node.outputs[0].dtype == "int8" else 0
+    if attrs.get("activation") != "relu" or attrs.get("y_zero_point", 0) == low:
+        # With y_zero_point at the bottom of the range, saturation is the relu.
+        builder.add(node, "QLinearConv", conv_inputs, outputs, **conv_attrs)
+        return
+    convolved = builder.temp(node, "conv")
+    builder.add(node, "QLinearConv", conv_inputs, [convolved], **conv_attrs)
+    # max(q, y_zero_point) through float: dequantizing and quantizing again is exact.
+    real = builder.temp(node, "real")
+    builder.add(node, "DequantizeLinear", [convolved, params["y_scale"], params["y_zero_point"]],
+                [real], role="dequantize")
+    rectified = builder.temp(node, "relu")
+    builder.add(node, "Relu", [real], [rectified], role="relu")
+    builder.add(node, "QuantizeLinear", [rectified, params["y_scale"], params["y_zero_point"]],
+                outputs, role="quantize")
+
+
+def _integer_matmul(builder: OnnxBuilder, node: Node, x: str, zero_point: str,
+                    weight: str) -> str:
+    """Emit MatMulInteger(x, weight.T) with x's zero point (none for ""); return the int32
+    result's name."""
+    weight_t = builder.temp(node, "weight_t")
+    builder.add(node, "Transpose", [weight], [weight_t], role="transpose", perm=[1, 0])
+    product = builder.temp(node, "acc")
+    matmul_inputs = [x, weight_t, zero_point] if zero_point else [x, weight_t]
+    builder.add(node, "MatMulInteger", matmul_inputs, [product], role="matmul")
+    return product
+
+
+@converts("qlinear")
+def convert_qlinear(builder: OnnxBuilder, node: Node, inputs: list[str], outputs: list[str]):
+    params = _quantized_constants(builder, node)
+    acc = _integer_matmul(builder, node, inputs[0], params["x_zero_point"], inputs[1])
+    if len(inputs) == 4:
+        biased = builder.temp(node, "biased")
+        builder.add(node, "Add", [acc, inputs[3]], [biased], role="bias")
+        acc = biased
+    real_acc = builder.temp(node, "acc_float")
+    builder.add(node, "Cast", [acc], [real_acc], role="cast", to=onnx_dtype("float32"))
+    # m = x_scale * w_scale / y_scale in float32, in the reference's order.
+    product = builder.temp(node, "scale_product")
+    builder.add(node, "Mul", [params["x_scale"], inputs[2]], [product], role="scale_product")
+    multiplier = builder.temp(node, "multiplier")
+    builder.add(node, "Div", [product, params["y_scale"]], [multiplier], role="multiplier")
+    scaled = builder.temp(node, "scaled")
+    builder.add(node, "Mul", [real_acc, multiplier], [scaled], role="requantize")
+    if node.attrs.get("activation") == "relu":
+        rectified = builder.temp(node, "relu")
+        builder.add(node, "Relu", [scaled], [rectified], role="relu")
+        scaled = rectified
+    # QuantizeLinear with scale 1 rounds half to even, adds the zero point and saturates.
+    one = builder.constant(node, "one", 1.0, "float32")
+    builder.add(node, "QuantizeLinear", [scaled, one, params["y_zero_point"]], outputs)
+
+
+def _row_reduce(builder: OnnxBuilder, node: Node, op_type: str, x: str) -> str:
+    """Emit ``op_type`` (ReduceMin or ReduceMax) over the last axis, keeping it."""
+    result = builder.temp(node, op_type.lower())
+    if builder.opset >= 18:
+        axes = builder.int64s(node, "axes", [-1])
+        builder.add(node, op_type, [x, axes], [result], role=op_type.lower(), keepdims=1)
+    else:
+        builder.add(node, op_type, [x], [result], role=op_type.lower(), axes=[-1], keepdims=1)
+    return result
+
+
+def _emit_row_quantization(builder: OnnxBuilder, node: Node, x: str) -> tuple[str, str, str]:
+    """Quantize each row of ``x`` to uint8 as DynamicQuantizeLinear quantizes a tensor.
+    Return the uint8 rows, their scales and their zero points (float32 integers), [..., 1]."""
+    def step(op_type: str, args: list[str], role: str, **attrs: Any) -> str:
+        result = builder.temp(node, role)
+        builder.add(node, op_type, args, [result], role=role, **attrs)
+        return result
+
+    zero = builder.constant(node, "zero", 0.0, "float32")
+    low = step("Min", [_row_reduce(builder, node, "ReduceMin", x), zero], "low")
+    high = step("Max", [_row_reduce(builder, node, "ReduceMax", x), zero], "high")
+    levels = builder.constant(node, "levels", 255.0, "float32")
+    span = step("Div", [step("Sub", [high, low], "span"), levels], "raw_scale")
+    one = builder.constant(node, "one", 1.0, "float32")
+    scale = step("Where", [step("Equal", [span, zero], "empty"), one, span], "scale")
+    shifted = step("Sub", [zero, step("Div", [low, scale], "low_steps")], "zero_point_raw")
+    zero_point = step("Clip", [step("Round", [shifted], "zero_point_round"), zero, levels],
+                      "zero_point")
+    rounded = step("Round", [step("Div", [x, scale], "steps")], "rounded")
+    clipped = step("Clip", [step("Add", [rounded, zero_point], "shifted"), zero, levels],
+                   "clipped")
+    return step("Cast", [clipped], "x_q", to=onnx_dtype("uint8")), scale, zero_point
+
+
+@converts("dynamic_qlinear")
+def convert_dynamic_qlinear(builder: OnnxBuilder, node: Node, inputs: list[str],
+                            outputs: list[str]):
+    if node.attrs.get("per_row", False):
+        acc, x_scale = _row_quantized_matmul(builder, node, inputs[0], inputs[1])
+    else:
+        quantized = [builder.temp(node, role) for role in ("x_q", "x_scale", "x_zero_point")]
+        builder.add(node, "DynamicQuantizeLinear", [inputs[0]], quantized, role="quantize")
+        acc = _integer_matmul(builder, node, quantized[0], quantized[2], inputs[1])
+        x_scale = quantized[1]
+    real_acc = builder.temp(node, "acc_float")
+    builder.add(node, "Cast", [acc], [real_acc], role="cast", to=onnx_dtype("float32"))
+    scale = builder.temp(node, "scale")
+    builder.add(node, "Mul", [x_scale, inputs[2]], [scale], role="scale")
+    if len(inputs) == 3 and node.attrs.get("activation") is None:
+        builder.add(node, "Mul", [real_acc, scale], outputs, role="dequantize")
+        return
+    scaled = builder.temp(node, "scaled")
+    builder.add(node, "Mul", [real_acc, scale], [scaled], role="dequantize")
+    if len(inputs) == 4:
+        _emit_with_activation(builder, node, "Add", [scaled, inputs[3]], outputs[0])
+    else:
+        emit_activation(builder, node, node.attrs["activation"], scaled, outputs[0])
+
+
+def _row_quantized_matmul(builder: OnnxBuilder, node: Node, x: str, weight: str) -> tuple[str, str]:
+    """Emit sum((q - zero_point) * w) per row as MatMulInteger(q, w.T) - zero_point * sum(w),
+    because ONNX Runtime takes only a scalar zero point in MatMulInteger. Return the int32
+    result and the row scales."""
+    x_q, scale, zero_point = _emit_row_quantization(builder, node, x)
+    product = _integer_matmul(builder, node, x_q, "", weight)
+    weight_int32 = builder.temp(node, "weight_int32")
+    builder.add(node, "Cast", [weight], [weight_int32], role="weight_cast", to=onnx_dtype("int32"))
+    weight_sums = builder.temp(node, "weight_sums")
+    axes = builder.int64s(node, "sum_axes", [1])
+    builder.add(node, "ReduceSum", [weight_int32, axes], [weight_sums], role="weight_sums",
+                keepdims=0)
+    zero_point_int32 = builder.temp(node, "zero_point_int32")
+    builder.add(node, "Cast", [zero_point], [zero_point_int32], role="zero_point_cast",
+                to=onnx_dtype("int32"))
+    correction = builder.temp(node, "correction")
+    builder.add(node, "Mul", [zero_point_int32, weight_sums], [correction], role="correction")
+    acc = builder.temp(node, "acc_centered")
+    builder.add(node, "Sub", [product, correction], [acc], role="center")
+    return acc, scale

@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         error_console.print("interrupted; no output was written")
         return 130
     except Exception as exc:  # noqa: BLE001 (the last line of defence of a command-line tool)
+        if _terminated:
+            # The interrupt landed inside an extension module's import, which turns it into
+            # another exception (ImportError: initialization failed).
+            error_console.print("interrupted; no output was written")
+            return 130
         if args.verbose:
             error_console.print_exception()
         _print_error(
@@ -57,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
+_terminated = False
+
+
 def _raise_interrupt(signum, frame) -> None:
     # SIGTERM takes the same path as Ctrl-C, so staging folders are removed on the way out.
+    global _terminated
+    _terminated = True
     raise KeyboardInterrupt
 
 

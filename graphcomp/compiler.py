@@ -39,6 +39,7 @@ from graphcomp.serialize import current_umask, format_graph, save_graph, write_t
 log = logging.getLogger(__name__)
 
 HOST_TARGETS = ("cpu",)
+CALIBRATION_BATCHES = 32  # most dataset batches given to passes that calibrate
 REPORT_NAME = "report.json"
 
 
@@ -97,9 +98,12 @@ def compile_model(
         dataset = _pick_dataset(loaded, options)
 
         step(f"running passes: {passes_text or 'none'}")
+        # NOTE: calibration (quantize, taylor pruning) uses the same batches that drift is
+        # measured on; give held-out data with --data for an unbiased accuracy figure.
         manager = PassManager(
             passes, verify=options.verify_passes, tolerance=options.tolerance,
             feeds=dataset.batches[0], dump_dir=options.dump_dir,
+            calibration=dataset.batches[:CALIBRATION_BATCHES],
         )
         pipeline_report = manager.run(original)
         final = pipeline_report.graph

@@ -67,11 +67,13 @@ class PassResult:
 @dataclass
 class PassContext:
     """Inputs a pass may use besides the graph: input feeds (for calibration or checks), the
-    manager's error tolerance and a logger."""
+    manager's error tolerance, a logger, and calibration batches (each a feeds dict; None
+    means calibrate on ``feeds``)."""
 
     feeds: dict[str, np.ndarray] | None = None
     tolerance: float = 1e-4
     log: logging.Logger = logger
+    calibration: Sequence[Mapping[str, np.ndarray]] | None = None
 
 
 class Pass:
@@ -306,6 +308,7 @@ class PassManager:
     ``tolerance`` fails). ``dump_dir`` receives the text form of the graph before the first
     pass (``00-input.txt``) and after each one (``01-fold-bn.txt``...). ``progress`` is called
     as each pass starts, with its name, its 0-based position and the number of passes.
+    ``calibration`` (a list of feeds dicts) reaches passes as ``PassContext.calibration``.
     """
 
     def __init__(
@@ -318,6 +321,7 @@ class PassManager:
         dump_dir: Path | None = None,
         check_structure: bool = True,
         progress: ProgressFn | None = None,
+        calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
     ):
         self.passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
         check_requirements(self.passes)
@@ -329,6 +333,7 @@ class PassManager:
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.check_structure = check_structure
         self.progress = progress
+        self.calibration = list(calibration) if calibration is not None else None
 
     def run(self, graph: Graph) -> PipelineReport:
         """Run every pass on a copy of ``graph``; ``report.graph`` is the result."""
@@ -341,7 +346,8 @@ class PassManager:
         check_numbers = self.verify and self.feeds is not None
         if check_numbers:
             executor.check_feeds(graph, self.feeds)
-        ctx = PassContext(feeds=self.feeds, tolerance=self.tolerance, log=logger)
+        ctx = PassContext(feeds=self.feeds, tolerance=self.tolerance, log=logger,
+                          calibration=self.calibration)
         reference = self._outputs(graph) if check_numbers else None
         self._dump(graph, 0, "input")
 

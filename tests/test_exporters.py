@@ -243,8 +243,65 @@ def tensor_cases() -> list[OpCase]:
     ]
 
 
+def int8s(*shape: int, low: int = -128, high: int = 127, dtype=np.int8) -> np.ndarray:
+    return RNG.integers(low, high + 1, shape).astype(dtype)
+
+
+def quantized_cases() -> list[OpCase]:
+    """Integer outputs must equal the reference exactly (the tolerance is below one step)."""
+    ties = (np.arange(-300, 300, dtype=np.float32) + 0.5) * np.float32(0.0625)
+    conv = {"x_scale": 0.05, "x_zero_point": -7, "y_scale": 0.4, "y_zero_point": 5,
+            "pads": [1, 0, 2, 1], "strides": [2, 1]}
+    linear = {"x_scale": 0.03, "x_zero_point": 11, "y_scale": 0.25, "y_zero_point": -20}
+    weight = ("@w", int8s(6, 4, 3, 3, low=-127))
+    w_scale = ("@w_scale", uniform(0.002, 0.02, 6))
+    bias = ("@b", RNG.integers(-3000, 3000, 6).astype(np.int32))
+    return [
+        OpCase("quantize_ties", "quantize", [("x", ties), ("@s", np.float32(0.0625)),
+                                             ("@z", np.int8(-3))]),
+        OpCase("quantize_per_channel_uint8", "quantize",
+               [("x", normal(2, 3, 4) * 3), ("@s", uniform(0.01, 0.05, 3)),
+                ("@z", np.array([0, 128, 250], np.uint8))], {"axis": 1}),
+        OpCase("dequantize_per_channel", "dequantize",
+               [("q", int8s(4, 3, 2)), ("@s", uniform(0.01, 0.1, 4)), ("@z", int8s(4))],
+               {"axis": 0}),
+        OpCase("dequantize_int32", "dequantize",
+               [("q", RNG.integers(-10**6, 10**6, (3, 5)).astype(np.int32)),
+                ("@s", np.float32(1e-3)), ("@z", np.int32(0))]),
+        OpCase("qconv2d", "qconv2d", [("x", int8s(1, 4, 7, 6)), weight, w_scale, bias], conv),
+        OpCase("qconv2d_relu", "qconv2d", [("x", int8s(1, 4, 7, 6)), weight, w_scale],
+               {**conv, "activation": "relu"}),
+        OpCase("qconv2d_relu_low_zero_point", "qconv2d",
+               [("x", int8s(1, 4, 7, 6)), weight, w_scale, bias],
+               {**conv, "activation": "relu", "y_zero_point": -128}),
+        OpCase("qconv2d_depthwise_uint8", "qconv2d",
+               [("x", int8s(1, 6, 5, 5, low=0, high=255, dtype=np.uint8)),
+                ("@w", int8s(6, 1, 3, 3, low=-127)), w_scale],
+               {"x_scale": 0.02, "x_zero_point": 131, "y_scale": 0.1, "y_zero_point": 128,
+                "groups": 6, "pads": [1, 1, 1, 1]}),
+        OpCase("qlinear_relu", "qlinear",
+               [("x", int8s(3, 40)), ("@w", int8s(7, 40, low=-127)),
+                ("@w_scale", uniform(0.002, 0.02, 7)),
+                ("@b", RNG.integers(-5000, 5000, 7).astype(np.int32))],
+               {**linear, "activation": "relu"}),
+        OpCase("qlinear_rank3", "qlinear",
+               [("x", int8s(2, 3, 40)), ("@w", int8s(7, 40, low=-127)),
+                ("@w_scale", uniform(0.002, 0.02, 7))], linear),
+        OpCase("dynamic_qlinear", "dynamic_qlinear",
+               [("x", normal(3, 40)), ("@w", int8s(7, 40, low=-127)),
+                ("@w_scale", uniform(0.002, 0.02, 7)), ("@b", normal(7))]),
+        OpCase("dynamic_qlinear_rank3_gelu", "dynamic_qlinear",
+               [("x", normal(2, 3, 40) + 0.5), ("@w", int8s(7, 40, low=-127)),
+                ("@w_scale", uniform(0.002, 0.02, 7))], {"activation": "gelu"}),
+        OpCase("dynamic_qlinear_per_row", "dynamic_qlinear",
+               [("x", normal(2, 3, 40) * uniform(0.1, 5.0, 2, 3, 1)),
+                ("@w", int8s(7, 40, low=-127)), ("@w_scale", uniform(0.002, 0.02, 7)),
+                ("@b", normal(7))], {"per_row": True, "activation": "relu"}),
+    ]
+
+
 CASES = unary_cases() + binary_cases() + conv_cases() + nn_cases() + pool_cases() + \
-    resize_cases() + tensor_cases()
+    resize_cases() + tensor_cases() + quantized_cases()
 
 
 def run_onnx(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

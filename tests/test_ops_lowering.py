@@ -265,9 +265,61 @@ def reduce_cases() -> list[Case]:
     return cases
 
 
+def int8s(*shape, low: int = -128, high: int = 127, dtype=np.int8) -> np.ndarray:
+    return RNG.integers(low, high + 1, shape).astype(dtype)
+
+
+def quantized_cases() -> list[Case]:
+    """Integer outputs must equal the reference exactly: rounding ties and saturation
+    included (the tie case divides by a power of two, so x / scale lands on every .5)."""
+    ties = (np.arange(-300, 300, dtype=np.float32) + 0.5) * np.float32(0.0625)
+    x = feed(int8s(1, 4, 7, 6))
+    conv = {"x_scale": 0.05, "x_zero_point": -7, "y_scale": 0.4, "y_zero_point": 5}
+    linear = {"x_scale": 0.03, "x_zero_point": 11, "y_scale": 0.25, "y_zero_point": -20}
+    return [
+        Case("quantize", "ties_saturate", [feed(ties), np.float32(0.0625), np.int8(-3)]),
+        Case("quantize", "per_channel_uint8", [feed(randn(2, 3, 4, 5, scale=3)),
+                                              uniform(0.01, 0.05, 3),
+                                              np.array([0, 128, 250], np.uint8)]),
+        Case("dequantize", "per_tensor", [feed(int8s(2, 3, 4)), np.float32(0.1), np.int8(4)]),
+        Case("dequantize", "per_channel_axis0", [feed(int8s(4, 3, 2)), uniform(0.01, 0.1, 4),
+                                                np.zeros(4, np.int8)], {"axis": 0}),
+        Case("dequantize", "int32", [feed(RNG.integers(-10**6, 10**6, (3, 5)).astype(np.int32)),
+                                     np.float32(1e-3), np.int32(0)]),
+        Case("qconv2d", "pads_bias_zero_point",
+             [x, int8s(6, 4, 3, 3, low=-127), uniform(0.002, 0.02, 6),
+              RNG.integers(-3000, 3000, 6).astype(np.int32)], {**conv, "pads": [1, 1, 1, 1]}),
+        Case("qconv2d", "stride_asymmetric_pads_relu",
+             [x, int8s(5, 4, 3, 2, low=-127), uniform(0.002, 0.02, 5)],
+             {**conv, "pads": [0, 1, 2, 0], "strides": [2, 2], "activation": "relu"}),
+        Case("qconv2d", "depthwise_dilation",
+             [x, int8s(4, 1, 3, 3, low=-127), uniform(0.002, 0.02, 4),
+              RNG.integers(-500, 500, 4).astype(np.int32)],
+             {**conv, "groups": 4, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+        Case("qconv2d", "uint8_input",
+             [feed(int8s(1, 4, 6, 6, low=0, high=255, dtype=np.uint8)),
+              int8s(3, 4, 1, 1, low=-127), uniform(0.002, 0.02, 3)],
+             {"x_scale": 0.02, "x_zero_point": 131, "y_scale": 0.1, "y_zero_point": 128}),
+        Case("qlinear", "bias_relu",
+             [feed(int8s(3, 40)), int8s(7, 40, low=-127), uniform(0.002, 0.02, 7),
+              RNG.integers(-5000, 5000, 7).astype(np.int32)], {**linear, "activation": "relu"}),
+        Case("qlinear", "rank3_no_bias",
+             [feed(int8s(2, 3, 40)), int8s(7, 40, low=-127), uniform(0.002, 0.02, 7)], linear),
+        Case("dynamic_qlinear", "bias",
+             [feed(randn(3, 40)), int8s(7, 40, low=-127), uniform(0.002, 0.02, 7), randn(7)]),
+        Case("dynamic_qlinear", "rank3_gelu",
+             [feed(randn(2, 3, 40) + 0.5), int8s(7, 40, low=-127), uniform(0.002, 0.02, 7)],
+             {"activation": "gelu"}),
+        Case("dynamic_qlinear", "per_row",
+             [feed(randn(2, 3, 40) * uniform(0.1, 5.0, 2, 3, 1)), int8s(7, 40, low=-127),
+              uniform(0.002, 0.02, 7), randn(7)], {"per_row": True}),
+    ]
+
+
 CASES = (
     unary_cases() + binary_cases() + conv_cases() + linear_cases() + norm_cases()
     + pool_cases() + resize_cases() + tensor_cases() + reduce_cases()
+    + quantized_cases()
 )
 
 

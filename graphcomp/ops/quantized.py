@@ -1,0 +1,467 @@
+"""Quantized ops: quantize, dequantize, and int8 convolution and linear layers.
+
+The PyTorch reference, the Relax lowering and the ONNX export compute the same integers. A TVM
+build of quantize, dequantize, qconv2d or qlinear equals the reference executor bit for bit.
+dynamic_qlinear's float output agrees to float32 rounding, because TVM may fuse its multiply
+and add. The arithmetic:
+
+- ``quantize(x, scale, zero_point)``: ``q = saturate(round(x / scale) + zero_point)`` in
+  float32, rounding half to even as ONNX QuantizeLinear does. The zero point's dtype (int8 or
+  uint8) is the output dtype. A scalar scale quantizes per tensor, a 1-D scale per channel
+  along ``attrs.axis`` (default 1).
+- ``dequantize(q, scale, zero_point)``: ``x = float32(int32(q) - int32(zero_point)) * scale``.
+- ``qconv2d`` and ``qlinear``: int8 (or uint8) activations with a per-tensor zero point,
+  int8 weights quantized symmetrically per output channel (weight zero point 0) and an
+  optional int32 bias at scale ``x_scale * w_scale[c]``::
+
+      acc[c] = sum((x - x_zero_point) * w[c]) + bias[c]                       (int32)
+      m[c]   = x_scale * w_scale[c] / y_scale                                 (float32)
+      y[c]   = saturate(round(float32(acc[c]) * m[c]) + y_zero_point)
+
+  A fused relu raises the lower saturation bound to ``y_zero_point``. This is the float
+  requantization of ONNX Runtime's QLinearConv on x86 (checked with version 1.32), so its
+  results agree bit for bit too.
+  Convolution padding is ``x_zero_point``, the quantized form of 0.0.
+- ``dynamic_qlinear``: a float linear layer whose input is quantized at run time to uint8 as
+  ONNX DynamicQuantizeLinear does (range widened to include 0, scale ``(max - min) / 255``),
+  multiplied with int8 per-channel weights in int32, and scaled back:
+  ``y = float32(acc) * (x_scale * w_scale) + bias``. The range is that of the whole input,
+  or with ``attrs.per_row`` that of each row (each token of a transformer), which follows
+  inputs whose rows differ in scale more closely.
+
+The Relax lowerings keep the integer arithmetic integer: relax conv2d and linear on int8
+inputs with ``out_dtype="int32"``. TVM pads with ``x_zero_point`` and subtracts
+``x_zero_point * sum(w[c])`` from the accumulator instead of shifting every input element.
+
+NOTE: the accumulator is int32 in TVM and ONNX Runtime, so a layer whose sums leave the int32
+range wraps there, while the reference computes exact sums. With 8-bit inputs that takes more
+than 65,000 products per output, far beyond common layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from graphcomp.ops.elementwise import (
+    TORCH_DTYPES, relax_activation, relax_module, torch_activation,
+)
+from graphcomp.ops.registry import get_op, register_op
+
+# Saturation bounds of the quantized dtypes.
+QUANTIZED_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+# Activations that qconv2d and qlinear fuse (relu is a saturation bound in the int8 domain).
+QUANTIZED_ACTIVATIONS = (None, "relu")
+# float32 represents every integer up to this magnitude exactly.
+FLOAT32_EXACT_INTEGERS = 2**24
+
+
+# --- shared checks and arithmetic -------------------------------------------------------------
+
+
+def _check_quantized(node, value, role: str) -> None:
+    if value.dtype not in QUANTIZED_RANGES:
+        raise ValueError(
+            f"{node.op} '{node.name}': {role} '{value.name}' is {value.dtype}, expected int8 or "
+            "uint8"
+        )
+
+
+def _check_dtype(node, value, role: str, dtype: str) -> None:
+    if value.dtype != dtype:
+        raise ValueError(
+            f"{node.op} '{node.name}': {role} '{value.name}' is {value.dtype}, expected {dtype}"
+        )
+
+
+def _param_axis(node, rank: int) -> int:
+    axis = int(node.attrs.get("axis", 1))
+    if not -rank <= axis < rank:
+        raise ValueError(f"{node.op} '{node.name}': axis {axis} is out of range for rank {rank}")
+    return axis % rank
+
+
+def _check_params(node) -> None:
+    """Check the scale and zero point inputs (1 and 2) of quantize and dequantize."""
+    data, scale, zero_point = node.inputs
+    _check_dtype(node, scale, "scale", "float32")
+    if zero_point.dtype != data.dtype and node.op == "dequantize":
+        raise ValueError(
+            f"dequantize '{node.name}': zero point is {zero_point.dtype} but the input is "
+            f"{data.dtype}; they must match"
+        )
+    if scale.shape != zero_point.shape or scale.rank > 1:
+        raise ValueError(
+            f"{node.op} '{node.name}': scale {scale.shape} and zero point {zero_point.shape} "
+            "must both be scalars (per tensor) or both 1-D (per channel)"
+        )
+    if scale.rank == 1:
+        axis = _param_axis(node, data.rank)
+        if scale.shape[0] != data.shape[axis]:
+            raise ValueError(
+                f"{node.op} '{node.name}': {scale.shape[0]} scales for axis {axis} of size "
+                f"{data.shape[axis]}"
+            )
+
+
+def _param_shape(node) -> tuple[int, ...]:
+    """Return the shape that broadcasts a scale or zero point against the data (input 0)."""
+    data, scale = node.inputs[0], node.inputs[1]
+    if scale.rank == 0:
+        return ()
+    axis = _param_axis(node, data.rank)
+    return tuple(data.shape[axis] if dim == axis else 1 for dim in range(data.rank))
+
+
+def _check_layer_attrs(node) -> None:
+    """Check the quantization attributes of qconv2d and qlinear."""
+    attrs = node.attrs
+    low, high = QUANTIZED_RANGES[node.inputs[0].dtype]
+    for key in ("x_scale", "y_scale"):
+        scale = attrs.get(key)
+        if not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{node.op} '{node.name}': {key} must be a finite number > 0, "
+                             f"got {scale!r}")
+    for key in ("x_zero_point", "y_zero_point"):
+        zero_point = attrs.get(key, 0)
+        if not isinstance(zero_point, int) or not low <= zero_point <= high:
+            raise ValueError(f"{node.op} '{node.name}': {key} must be an integer in "
+                             f"[{low}, {high}] for {node.inputs[0].dtype}, got {zero_point!r}")
+    if attrs.get("activation") not in QUANTIZED_ACTIVATIONS:
+        raise ValueError(f"{node.op} '{node.name}': fused activation "
+                         f"{attrs.get('activation')!r} is not supported; only relu is")
+
+
+def _check_layer_params(node, out_channels: int) -> None:
+    """Check weight (input 1), weight scale (2) and bias (3) of qconv2d and qlinear."""
+    _check_quantized(node, node.inputs[0], "input")
+    _check_dtype(node, node.inputs[1], "weight", "int8")
+    w_scale = node.inputs[2]
+    _check_dtype(node, w_scale, "weight scale", "float32")
+    if w_scale.shape != (out_channels,):
+        raise ValueError(f"{node.op} '{node.name}': weight scale has shape {w_scale.shape}, "
+                         f"expected ({out_channels},), one scale per output channel")
+    if len(node.inputs) == 4:
+        bias = node.inputs[3]
+        _check_dtype(node, bias, "bias", "int32")
+        if bias.shape != (out_channels,):
+            raise ValueError(f"{node.op} '{node.name}': bias has shape {bias.shape}, expected "
+                             f"({out_channels},)")
+    _check_layer_attrs(node)
+
+
+def _output_bounds(node) -> tuple[int, int]:
+    low, high = QUANTIZED_RANGES[node.outputs[0].dtype]
+    if node.attrs.get("activation") == "relu":
+        low = int(node.attrs.get("y_zero_point", 0))
+    return low, high
+
+
+def _exact_dtype(terms: int, x_bound: float, w_bound: float) -> torch.dtype:
+    """float32 when no partial sum of ``terms`` products can exceed 2**24, else float64.
+
+    Sums of integer products are exact in either dtype within that limit, whatever order the
+    convolution or matmul kernel adds them in.
+    """
+    if terms * x_bound * w_bound < FLOAT32_EXACT_INTEGERS:
+        return torch.float32
+    return torch.float64
+
+
+def _multiplier_torch(node, w_scale: torch.Tensor) -> torch.Tensor:
+    x_scale = torch.tensor(float(node.attrs["x_scale"]), dtype=torch.float32)
+    y_scale = torch.tensor(float(node.attrs["y_scale"]), dtype=torch.float32)
+    return x_scale * w_scale / y_scale
+
+
+def _requantize_torch(node, acc: torch.Tensor, bias, multiplier: torch.Tensor, shape):
+    """Return ``acc + bias`` (exact integers in a float tensor) requantized to the output."""
+    total = acc.to(torch.float64)
+    if bias is not None:
+        total = total + bias.to(torch.float64).reshape(shape)
+    # float64 -> float32 rounds to nearest even, as TVM's int32 -> float32 conversion does.
+    scaled = total.to(torch.float32) * multiplier.reshape(shape)
+    low, high = _output_bounds(node)
+    shifted = torch.round(scaled) + float(node.attrs.get("y_zero_point", 0))
+    return torch.clamp(shifted, low, high).to(TORCH_DTYPES[node.outputs[0].dtype])
+
+
+def _multiplier_relax(node, w_scale):
+    relax = relax_module()
+    op = relax.op
+    x_scale = relax.const(float(node.attrs["x_scale"]), "float32")
+    y_scale = relax.const(float(node.attrs["y_scale"]), "float32")
+    return op.divide(op.multiply(x_scale, w_scale), y_scale)
+
+
+def _requantize_relax(node, acc, offset, multiplier, shape):
+    """Requantize the int32 accumulator; ``offset`` is an int32 per-channel term or None."""
+    relax = relax_module()
+    op = relax.op
+    if offset is not None:
+        acc = op.add(acc, op.reshape(offset, shape))
+    scaled = op.multiply(op.astype(acc, "float32"), op.reshape(multiplier, shape))
+    zero_point = relax.const(float(node.attrs.get("y_zero_point", 0)), "float32")
+    low, high = _output_bounds(node)
+    shifted = op.clip(op.add(op.round(scaled), zero_point), float(low), float(high))
+    return op.astype(shifted, node.outputs[0].dtype)
+
+
+def _zero_point_offset_relax(node, weight, bias, reduce_axes: list[int]):
+    """Return ``bias - x_zero_point * sum(weight[c])`` as int32 [C], or None when zero."""
+    relax = relax_module()
+    op = relax.op
+    zero_point = int(node.attrs.get("x_zero_point", 0))
+    offset = bias
+    if zero_point != 0:
+        weight_sums = op.sum(op.astype(weight, "int32"), axis=reduce_axes)
+        correction = op.multiply(weight_sums, relax.const(zero_point, "int32"))
+        offset = op.negative(correction) if bias is None else op.subtract(bias, correction)
+    return offset
+
+
+# --- quantize and dequantize ------------------------------------------------------------------
+
+
+def _quantize_infer(node):
+    x, _, zero_point = node.inputs
+    _check_dtype(node, x, "input", "float32")
+    _check_quantized(node, zero_point, "zero point")
+    _check_params(node)
+    return [(x.shape, zero_point.dtype)]
+
+
+def _quantize_torch(node, x, scale, zero_point):
+    shape = _param_shape(node)
+    low, high = QUANTIZED_RANGES[node.outputs[0].dtype]
+    rounded = torch.round(x / scale.reshape(shape))
+    shifted = rounded + zero_point.to(torch.float32).reshape(shape)
+    return torch.clamp(shifted, low, high).to(TORCH_DTYPES[node.outputs[0].dtype])
+
+
+def _quantize_relax(node, x, scale, zero_point):
+    op = relax_module().op
+    shape = _param_shape(node)
+    low, high = QUANTIZED_RANGES[node.outputs[0].dtype]
+    rounded = op.round(op.divide(x, op.reshape(scale, shape)))
+    shifted = op.add(rounded, op.reshape(op.astype(zero_point, "float32"), shape))
+    return op.astype(op.clip(shifted, float(low), float(high)), node.outputs[0].dtype)
+
+
+register_op(
+    "quantize", infer=_quantize_infer, torch=_quantize_torch, relax=_quantize_relax, inputs=3,
+    macs=lambda node: node.outputs[0].size,
+    doc="q = saturate(round_half_even(x / scale) + zero_point); inputs x (float32), scale "
+        "(float32, scalar or [C]), zero_point (int8 or uint8, its dtype is the output dtype); "
+        "attrs: axis (default 1) for per-channel parameters",
+)
+
+
+def _dequantize_infer(node):
+    q = node.inputs[0]
+    if q.dtype not in (*QUANTIZED_RANGES, "int32"):
+        raise ValueError(f"dequantize '{node.name}': input '{q.name}' is {q.dtype}, expected "
+                         "int8, uint8 or int32")
+    _check_params(node)
+    return [(q.shape, "float32")]
+
+
+def _dequantize_torch(node, q, scale, zero_point):
+    shape = _param_shape(node)
+    centered = q.to(torch.int32) - zero_point.to(torch.int32).reshape(shape)
+    return centered.to(torch.float32) * scale.reshape(shape)
+
+
+def _dequantize_relax(node, q, scale, zero_point):
+    op = relax_module().op
+    shape = _param_shape(node)
+    centered = op.subtract(op.astype(q, "int32"), op.reshape(op.astype(zero_point, "int32"), shape))
+    return op.multiply(op.astype(centered, "float32"), op.reshape(scale, shape))
+
+
+register_op(
+    "dequantize", infer=_dequantize_infer, torch=_dequantize_torch, relax=_dequantize_relax,
+    inputs=3, macs=lambda node: node.outputs[0].size,
+    doc="x = float32(q - zero_point) * scale; inputs q (int8, uint8 or int32), scale "
+        "(float32, scalar or [C]), zero_point (q's dtype); attrs: axis (default 1)",
+)
+
+
+# --- qconv2d ----------------------------------------------------------------------------------
+
+
+def _conv_settings(node):
+    attrs = node.attrs
+    strides = tuple(int(v) for v in attrs.get("strides", (1, 1)))
+    pads = tuple(int(v) for v in attrs.get("pads", (0, 0, 0, 0)))
+    dilations = tuple(int(v) for v in attrs.get("dilations", (1, 1)))
+    return strides, pads, dilations, int(attrs.get("groups", 1))
+
+
+def _qconv2d_infer(node):
+    # conv2d's shape inference reads only inputs 0 and 1 and the conv attributes.
+    [(shape, dtype)] = get_op("conv2d").infer(node)
+    out_channels = node.inputs[1].shape[0]
+    groups = int(node.attrs.get("groups", 1))
+    if out_channels % groups:
+        raise ValueError(f"qconv2d '{node.name}': {out_channels} output channels do not "
+                         f"divide into {groups} groups")
+    _check_layer_params(node, out_channels)
+    return [(shape, dtype)]
+
+
+def _qconv2d_torch(node, x, weight, w_scale, bias=None):
+    strides, pads, dilations, groups = _conv_settings(node)
+    top, left, bottom, right = pads
+    centered = x.to(torch.int32) - int(node.attrs.get("x_zero_point", 0))
+    terms = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    dtype = _exact_dtype(terms, float(centered.abs().max()), float(weight.abs().max()))
+    # Padding with zeros after centering is padding with x_zero_point before it.
+    padded = F.pad(centered.to(dtype), (left, right, top, bottom))
+    acc = F.conv2d(padded, weight.to(dtype), None, strides, 0, dilations, groups)
+    multiplier = _multiplier_torch(node, w_scale)
+    return _requantize_torch(node, acc, bias, multiplier, (1, -1, 1, 1))
+
+
+def _qconv2d_relax(node, x, weight, w_scale, bias=None):
+    op = relax_module().op
+    strides, pads, dilations, groups = _conv_settings(node)
+    zero_point = int(node.attrs.get("x_zero_point", 0))
+    if any(pads):
+        top, left, bottom, right = pads
+        x = op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero_point))
+    acc = op.nn.conv2d(x, weight, strides=strides, padding=(0, 0, 0, 0), dilation=dilations,
+                       groups=groups, out_dtype="int32")
+    out_channels = node.inputs[1].shape[0]
+    offset = _zero_point_offset_relax(node, weight, bias, [1, 2, 3])
+    multiplier = _multiplier_relax(node, w_scale)
+    return _requantize_relax(node, acc, offset, multiplier, (1, out_channels, 1, 1))
+
+
+register_op(
+    "qconv2d", infer=_qconv2d_infer, torch=_qconv2d_torch, relax=_qconv2d_relax,
+    macs=lambda node: get_op("conv2d").macs(node), inputs=(3, 4),
+    doc="int8 2-D convolution with int32 accumulation and requantization: inputs x (int8 or "
+        "uint8), weight (int8 [O,C/groups,kH,kW], symmetric), w_scale (float32 [O]), optional "
+        "bias (int32 [O]); attrs: x_scale, x_zero_point, y_scale, y_zero_point, activation "
+        "(None or relu) and conv2d's strides, pads, dilations, groups",
+)
+
+
+# --- qlinear ----------------------------------------------------------------------------------
+
+
+def _qlinear_infer(node):
+    [(shape, dtype)] = get_op("linear").infer(node)
+    _check_layer_params(node, node.inputs[1].shape[0])
+    return [(shape, dtype)]
+
+
+def _qlinear_torch(node, x, weight, w_scale, bias=None):
+    centered = x.to(torch.int32) - int(node.attrs.get("x_zero_point", 0))
+    dtype = _exact_dtype(weight.shape[1], float(centered.abs().max()), float(weight.abs().max()))
+    acc = torch.matmul(centered.to(dtype), weight.to(dtype).T)
+    multiplier = _multiplier_torch(node, w_scale)
+    return _requantize_torch(node, acc, bias, multiplier, (-1,))
+
+
+def _qlinear_relax(node, x, weight, w_scale, bias=None):
+    op = relax_module().op
+    acc = op.linear(x, weight, out_dtype="int32")
+    offset = _zero_point_offset_relax(node, weight, bias, [1])
+    multiplier = _multiplier_relax(node, w_scale)
+    return _requantize_relax(node, acc, offset, multiplier, (node.inputs[1].shape[0],))
+
+
+register_op(
+    "qlinear", infer=_qlinear_infer, torch=_qlinear_torch, relax=_qlinear_relax,
+    macs=lambda node: get_op("linear").macs(node), inputs=(3, 4),
+    doc="int8 linear layer y = requantize(x @ weight.T + bias): inputs x (int8 or uint8 "
+        "[..., in]), weight (int8 [out,in], symmetric), w_scale (float32 [out]), optional bias "
+        "(int32 [out]); attrs: x_scale, x_zero_point, y_scale, y_zero_point, activation",
+)
+
+
+# --- dynamic_qlinear --------------------------------------------------------------------------
+
+
+def _dynamic_qlinear_infer(node):
+    [(shape, _)] = get_op("linear").infer(node)
+    x, weight, w_scale = node.inputs[:3]
+    _check_dtype(node, x, "input", "float32")
+    _check_dtype(node, weight, "weight", "int8")
+    _check_dtype(node, w_scale, "weight scale", "float32")
+    out_features = weight.shape[0]
+    for value in node.inputs[2:]:
+        if value.shape != (out_features,):
+            raise ValueError(f"dynamic_qlinear '{node.name}': '{value.name}' has shape "
+                             f"{value.shape}, expected ({out_features},)")
+    if len(node.inputs) == 4:
+        _check_dtype(node, node.inputs[3], "bias", "float32")
+    return [(shape, "float32")]
+
+
+def dynamic_input_params(x: torch.Tensor,
+                         per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the float32 scale and zero point (a float that is an integer in 0..255) that
+    ONNX DynamicQuantizeLinear gives ``x``, or each row of ``x`` (shape [..., 1]) with
+    ``per_row``. An all-zero range gets scale 1 instead of 0."""
+    zero = torch.zeros((), dtype=torch.float32)
+    if per_row:
+        low = torch.minimum(x.amin(dim=-1, keepdim=True), zero)
+        high = torch.maximum(x.amax(dim=-1, keepdim=True), zero)
+    else:
+        low = torch.minimum(x.min(), zero)
+        high = torch.maximum(x.max(), zero)
+    scale = (high - low) / 255.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero_point = torch.clamp(torch.round(zero - low / scale), 0, 255)
+    return scale, zero_point
+
+
+def _dynamic_qlinear_torch(node, x, weight, w_scale, bias=None):
+    scale, zero_point = dynamic_input_params(x, bool(node.attrs.get("per_row", False)))
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    centered = q - zero_point
+    dtype = _exact_dtype(weight.shape[1], 255.0, float(weight.abs().max()))
+    acc = torch.matmul(centered.to(dtype), weight.to(dtype).T)
+    y = acc.to(torch.float32) * (scale * w_scale)
+    if bias is not None:
+        y = y + bias
+    return torch_activation(y, node.attrs.get("activation"))
+
+
+def _dynamic_qlinear_relax(node, x, weight, w_scale, bias=None):
+    relax = relax_module()
+    op = relax.op
+    zero = relax.const(0.0, "float32")
+    axis = [-1] if node.attrs.get("per_row", False) else None
+    low = op.minimum(op.min(x, axis=axis, keepdims=True), zero)
+    high = op.maximum(op.max(x, axis=axis, keepdims=True), zero)
+    scale = op.divide(op.subtract(high, low), relax.const(255.0, "float32"))
+    scale = op.where(op.equal(scale, zero), relax.const(1.0, "float32"), scale)
+    zero_point = op.clip(op.round(op.subtract(zero, op.divide(low, scale))), 0.0, 255.0)
+    q = op.clip(op.add(op.round(op.divide(x, scale)), zero_point), 0.0, 255.0)
+    # Shift uint8 values by -128 into int8, on both q and its zero point: differences stay.
+    shift = relax.const(128.0, "float32")
+    q_int8 = op.astype(op.subtract(q, shift), "int8")
+    zero_point_int8 = op.astype(op.subtract(zero_point, shift), "int32")
+    acc = op.linear(q_int8, weight, out_dtype="int32")
+    weight_sums = op.sum(op.astype(weight, "int32"), axis=[1])
+    acc = op.subtract(acc, op.multiply(weight_sums, zero_point_int8))
+    y = op.multiply(op.astype(acc, "float32"), op.multiply(scale, w_scale))
+    if bias is not None:
+        y = op.add(y, bias)
+    return relax_activation(y, node.attrs.get("activation"), "float32")
+
+
+register_op(
+    "dynamic_qlinear", infer=_dynamic_qlinear_infer, torch=_dynamic_qlinear_torch,
+    relax=_dynamic_qlinear_relax, macs=lambda node: get_op("linear").macs(node), inputs=(3, 4),
+    doc="linear layer with int8 weights whose float32 input is quantized to uint8 per run "
+        "(ONNX DynamicQuantizeLinear): inputs x (float32 [..., in]), weight (int8 [out,in]), "
+        "w_scale (float32 [out]), optional bias (float32 [out]); attrs: activation, per_row "
+        "(one range per row of x instead of one for all of x)",
+)

@@ -1,0 +1,597 @@
+"""The quantize pass, the calibration observers and the quantized ops end to end.
+
+References: numpy integer arithmetic for the ops, the TVM build (bit for bit), ONNX Runtime on
+the exported model (bit for bit on int8 values), and the float graph for accuracy. Tolerances
+are stated at each assert.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+from graphcomp import executor
+from graphcomp.analysis import graph_stats
+from graphcomp.backends.onnx_export import to_onnx
+from graphcomp.calibration import (
+    CalibrationError, MinMaxObserver, MseObserver, PercentileObserver, activation_params,
+    quantize_weight, weight_scales,
+)
+from graphcomp.errors import OptionError, PassError
+from graphcomp.frontends.torch_frontend import import_torch
+from graphcomp.ir import Constant, Graph, Node, Value
+from graphcomp.models import digits_cnn
+from graphcomp.passes.quantize import Quantize, sensitivity
+from graphcomp.pipeline import (
+    DEFAULT_PIPELINE, PassContext, PassManager, available_passes, output_error,
+)
+from graphcomp.serialize import format_graph
+from graphcomp.shapes import infer_shapes
+
+RNG = np.random.default_rng(7)
+DIGITS_MODEL = Path(__file__).resolve().parents[1] / "examples" / "digits_cnn" / "model.py"
+
+
+def ops_of(graph: Graph) -> list[str]:
+    return [node.op for node in graph.nodes]
+
+
+def run_ort(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(to_onnx(graph).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def quantized(graph: Graph, pipeline: str, calibration=None, feeds=None) -> Graph:
+    return PassManager(pipeline, calibration=calibration, feeds=feeds).run(graph).graph
+
+
+def small_cnn(batch: int = 2) -> tuple[Graph, nn.Module]:
+    """conv(3->8, relu) -> conv(8->8, hardswish) -> flatten -> fc(512->16, relu) -> fc(16->4)"""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Hardswish(),
+        nn.Flatten(), nn.Linear(512, 16), nn.ReLU(), nn.Linear(16, 4),
+    ).eval()
+    graph = import_torch(model, (torch.randn(batch, 3, 8, 8),))
+    return PassManager(DEFAULT_PIPELINE).run(graph).graph, model
+
+
+def cnn_batches(count: int, batch: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)}
+            for _ in range(count)]
+
+
+def cnn_feeds() -> dict[str, np.ndarray]:
+    """Inputs for checks, drawn apart from every calibration batch."""
+    return cnn_batches(1, seed=99)[0]
+
+
+# --- quantize and dequantize ------------------------------------------------------------------
+
+
+def one_node_graph(op: str, inputs: list[Value], attrs=None, out_dtype="float32") -> Graph:
+    output = Value("y", (), out_dtype)
+    graph = Graph(op, [v for v in inputs if not isinstance(v, Constant)], [output],
+                  [Node(op, op, inputs, [output], dict(attrs or {}))])
+    infer_shapes(graph)
+    return graph
+
+
+def round_trip(data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int = 1):
+    x = Value("x", data.shape)
+    q = Value("q", data.shape, str(zero_point.dtype))
+    params = [Constant("scale", scale), Constant("zero_point", zero_point)]
+    nodes = [Node("quantize", "quantize", [x, *params], [q], {"axis": axis}),
+             Node("dequantize", "dequantize", [q, *params], [Value("y", data.shape)],
+                  {"axis": axis})]
+    graph = Graph("round_trip", [x], [nodes[1].outputs[0]], nodes)
+    infer_shapes(graph)
+    return executor.run(graph, {"x": data})["y"]
+
+
+def test_round_trip_within_half_step_per_tensor():
+    data = RNG.uniform(-3.0, 5.0, (4, 6, 5)).astype(np.float32)
+    params = activation_params(float(data.min()), float(data.max()))
+    result = round_trip(data, np.array(params.scale, np.float32),
+                        np.array(params.zero_point, np.int8))
+    error = np.abs(result - data).max()
+    # Half a step plus float32 rounding of the division and the product.
+    assert error <= params.scale * (0.5 + 1e-5)
+    assert error > 0  # the data is not on the grid, so the check is not vacuous
+
+
+def test_round_trip_within_half_step_per_channel():
+    data = RNG.standard_normal((3, 4, 5)).astype(np.float32) * np.array([1e-3, 1.0, 50.0],
+                                                                        np.float32)[:, None, None]
+    scales = weight_scales(data, axis=0)
+    result = round_trip(data, scales, np.zeros(3, np.int8), axis=0)
+    errors = np.abs(result - data).reshape(3, -1).max(axis=1)
+    assert np.all(errors <= scales * (0.5 + 1e-5))
+
+
+def test_quantize_rounds_half_to_even_and_saturates():
+    scale = np.float32(0.25)
+    data = np.array([0.125, 0.375, 0.625, -0.125, -0.375, 100.0, -100.0], np.float32)
+    graph = one_node_graph("quantize", [Value("x", data.shape), Constant("s", scale),
+                                        Constant("z", np.int8(3))])
+    result = executor.run(graph, {"x": data})["y"]
+    # x / scale = 0.5, 1.5, 2.5, -0.5, -1.5 -> 0, 2, 2, -0, -2 (half to even), then + 3.
+    np.testing.assert_array_equal(result, np.array([3, 5, 5, 3, 1, 127, -128], np.int8))
+
+
+def test_scales_never_zero():
+    weight = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    weight[1] = 0.0
+    weight[2] *= 1e-30
+    scales = weight_scales(weight)
+    assert np.all(scales > 0)
+    assert np.all(np.isfinite(scales))
+    restored = quantize_weight(weight, scales) * scales[:, None, None, None]
+    assert np.all(restored[1] == 0.0)
+    for low, high in [(0.0, 0.0), (2.5, 2.5), (-1.0, -1.0), (0.0, 1e-42)]:
+        params = activation_params(low, high)
+        assert params.scale > 0, (low, high)
+        assert -128 <= params.zero_point <= 127
+
+
+# --- qconv2d against integer arithmetic, TVM and ONNX Runtime ---------------------------------
+
+
+def qconv_case(seed: int, groups: int = 1, activation: str | None = None):
+    rng = np.random.default_rng(seed)
+    channels = 4
+    x = rng.integers(-128, 128, (1, channels, 6, 5)).astype(np.int8)
+    weight = rng.integers(-127, 128, (8, channels // groups, 3, 3)).astype(np.int8)
+    w_scale = rng.uniform(0.001, 0.01, 8).astype(np.float32)
+    bias = rng.integers(-4000, 4000, 8).astype(np.int32)
+    attrs = {"x_scale": float(np.float32(rng.uniform(0.01, 0.1))),
+             "x_zero_point": int(rng.integers(-20, 20)),
+             "y_scale": float(np.float32(rng.uniform(0.05, 0.5))),
+             "y_zero_point": int(rng.integers(-10, 10)), "pads": [1, 0, 1, 2], "groups": groups}
+    if activation:
+        attrs["activation"] = activation
+    inputs = [Value("x", x.shape, "int8"), Constant("w", weight), Constant("w_scale", w_scale),
+              Constant("bias", bias)]
+    return one_node_graph("qconv2d", inputs, attrs, "int8"), {"x": x}
+
+
+def numpy_qconv2d(graph: Graph, x: np.ndarray) -> np.ndarray:
+    """The documented arithmetic, in int64 loops and float32 numpy."""
+    node = graph.nodes[0]
+    weight, w_scale, bias = (v.data for v in node.inputs[1:])
+    attrs = node.attrs
+    top, left, bottom, right = attrs["pads"]
+    centered = x.astype(np.int64) - attrs["x_zero_point"]
+    padded = np.pad(centered, [(0, 0), (0, 0), (top, bottom), (left, right)])
+    out_c, per_group = weight.shape[:2]
+    out_h, out_w = padded.shape[2] - 2, padded.shape[3] - 2
+    acc = np.zeros((1, out_c, out_h, out_w), np.int64)
+    for o in range(out_c):
+        first = (o // (out_c // attrs["groups"])) * per_group
+        for i in range(out_h):
+            for j in range(out_w):
+                window = padded[0, first:first + per_group, i:i + 3, j:j + 3]
+                acc[0, o, i, j] = np.sum(window * weight[o].astype(np.int64)) + bias[o]
+    multiplier = np.float32(attrs["x_scale"]) * w_scale / np.float32(attrs["y_scale"])
+    scaled = acc.astype(np.float32) * multiplier[None, :, None, None]
+    low = attrs["y_zero_point"] if attrs.get("activation") == "relu" else -128
+    return np.clip(np.round(scaled) + attrs["y_zero_point"], low, 127).astype(np.int8)
+
+
+@pytest.mark.parametrize("seed,groups,activation", [(0, 1, None), (1, 2, "relu"), (2, 4, None)])
+def test_qconv2d_reference_matches_integer_math(seed, groups, activation):
+    graph, feeds = qconv_case(seed, groups, activation)
+    expected = numpy_qconv2d(graph, feeds["x"])
+    actual = executor.run(graph, feeds)["y"]
+    assert len(np.unique(expected)) > 20  # a spread of values, not a saturated block
+    np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("seed,groups,activation", [(3, 1, None), (4, 2, "relu"), (5, 4, "relu")])
+def test_qconv2d_reference_equals_tvm_bit_for_bit(seed, groups, activation):
+    pytest.importorskip("tvm")
+    from graphcomp.backends.tvm import build
+
+    graph, feeds = qconv_case(seed, groups, activation)
+    expected = executor.run(graph, feeds)["y"]
+    actual = build(graph, "cpu").run(feeds)["y"]
+    assert actual.dtype == np.int8
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_qconv2d_lowers_to_int8_conv_with_int32_accumulation():
+    pytest.importorskip("tvm")
+    from graphcomp.backends.tvm import lower_to_relax
+
+    graph, _ = qconv_case(6)
+    text = str(lower_to_relax(graph))
+    assert 'R.nn.conv2d(' in text
+    assert 'out_dtype="int32"' in text
+    assert 'R.Tensor((1, 4, 8, 7), dtype="int8")' in text  # the padded int8 input
+
+
+# --- the static int8 pass ---------------------------------------------------------------------
+
+
+def docstring_lines() -> tuple[list[str], list[str]]:
+    doc = available_passes()["quantize"].__doc__
+    before, after = re.search(r"before:\n(.*?)\n\s*after:\n(.*?)(?:\n\s*\n|\s*$)", doc,
+                              re.S).groups()
+    return ([line.strip() for line in before.splitlines()],
+            [line.strip() for line in after.splitlines()])
+
+
+def node_lines_without_attrs(graph: Graph) -> list[str]:
+    lines = format_graph(graph).splitlines()[1:]
+    return [re.sub(r" \{.*\}", "", line).strip() for line in lines]
+
+
+def test_docstring_example_matches_pass():
+    # x[1,2] -> fc (identity weight, bias [-5.984375, 5.96875]) -> y
+    x = Value("x", (1, 2))
+    weight = Constant("w", np.eye(2, dtype=np.float32))
+    bias = Constant("b", np.array([-5.984375, 5.96875], np.float32))
+    graph = Graph("example", [x], [Value("y", (1, 2))], [])
+    graph.nodes = [Node("fc", "linear", [x, weight, bias], graph.outputs)]
+    before, after = docstring_lines()
+    assert node_lines_without_attrs(graph) == before
+    assert before != after
+
+    calibration = [{"x": np.array([[3.984375, 0.0]], np.float32)}]
+    result = quantized(graph, "quantize:int8", calibration)
+
+    assert node_lines_without_attrs(result) == after
+    fc = result.node("fc").attrs
+    assert (fc["x_scale"], fc["x_zero_point"]) == (0.015625, 0)
+    assert (fc["y_scale"], fc["y_zero_point"]) == (0.03125, 64)
+    output = executor.run(result, calibration[0])["y"]
+    np.testing.assert_array_equal(output, np.array([[-2.0, 5.96875]], np.float32))
+
+
+
+def test_static_int8_structure():
+    graph, _ = small_cnn()
+    assert "qconv2d" not in ops_of(graph)
+    result = quantized(graph, "quantize:int8", calibration=cnn_batches(3))
+    assert ops_of(result) == [
+        "quantize", "qconv2d", "qconv2d", "dequantize", "hardswish", "reshape", "quantize",
+        "qlinear", "qlinear", "dequantize",
+    ]
+    assert result.nodes[1].attrs["activation"] == "relu"
+    assert "activation" not in result.nodes[2].attrs  # hardswish runs in float after it
+    assert result.nodes[1].inputs[0].dtype == "uint8"  # the default activation dtype
+    assert result.nodes[1].attrs["y_zero_point"] == 0  # relu output starts at 0.0
+    assert result.nodes[1].inputs[1].dtype == "int8"
+    assert result.nodes[1].inputs[3].dtype == "int32"
+
+
+def test_static_int8_matches_float_and_backends():
+    graph, _ = small_cnn()
+    calibration = cnn_batches(8)
+    result = quantized(graph, "quantize:int8", calibration=calibration)
+    feeds = cnn_feeds()
+    expected = executor.run(graph, feeds)["output"]
+    actual = executor.run(result, feeds)["output"]
+    assert output_error([expected], [actual]) < 0.05  # a few int8 steps of the output range
+    np.testing.assert_array_equal(run_ort(result, feeds)[0], actual)
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_static_int8_tvm_equals_reference(activations):
+    pytest.importorskip("tvm")
+    from graphcomp.backends.tvm import build
+
+    graph, _ = small_cnn()
+    result = quantized(graph, f"quantize:int8:activations={activations}",
+                       calibration=cnn_batches(4))
+    assert result.nodes[1].inputs[0].dtype == activations
+    feeds = cnn_feeds()
+    expected = executor.run(result, feeds)["output"]
+    np.testing.assert_array_equal(build(result, "cpu").run(feeds)["output"], expected)
+
+
+def test_int8_activations():
+    graph, _ = small_cnn()
+    result = quantized(graph, "quantize:int8:activations=int8", calibration=cnn_batches(8))
+    layers = [node for node in result.nodes if node.op in ("qconv2d", "qlinear")]
+    assert all(node.inputs[0].dtype == "int8" for node in layers)
+    assert layers[0].attrs["y_zero_point"] == -128
+    feeds = cnn_feeds()
+    expected = executor.run(graph, feeds)["output"]
+    actual = executor.run(result, feeds)["output"]
+    assert output_error([expected], [actual]) < 0.05
+    np.testing.assert_array_equal(run_ort(result, feeds)[0], actual)
+
+
+def test_skip_patterns_keep_layers_float():
+    graph, _ = small_cnn()
+    layer_names = [node.name for node in graph.nodes if node.op == "linear"]
+    last = layer_names[-1]
+    result = quantized(graph, f"quantize:int8:skip={last}", calibration=cnn_batches(2))
+    assert result.node(last).op == "linear"
+    assert result.node(layer_names[0]).op == "qlinear"
+    every_linear = quantized(graph, f"quantize:int8:skip={layer_names[0][0]}*;{last}",
+                             calibration=cnn_batches(2))
+    assert [n.op for n in every_linear.nodes if n.name in layer_names] == ["linear", "linear"]
+
+
+def test_skip_pattern_without_match_raises():
+    graph, _ = small_cnn()
+    with pytest.raises(PassError, match="skip pattern 'head\\*' matches no quantizable layer"):
+        quantized(graph, "quantize:int8:skip=head*", calibration=cnn_batches(1))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("quantize:fp16", "does not accept the word 'fp16'"),
+    ("quantize:int8:calib=kl", "calib must be one of minmax, percentile, mse"),
+    ("quantize:int8:percentile=40", "percentile must be in"),
+    ("quantize:int8:activations=int4", "activations must be one of"),
+])
+def test_invalid_options_raise(text, message):
+    with pytest.raises(OptionError, match=message):
+        PassManager(text)
+
+
+def test_calibration_splits_batches_into_graph_batches():
+    graph, _ = small_cnn(batch=2)
+    calibration = cnn_batches(3, batch=8)  # each contains four of the graph's batches
+    report = PassManager("quantize:int8", calibration=calibration).run(graph)
+    assert report.records[0].details["calibration_runs"] == 12
+
+
+def test_calibration_batch_of_wrong_shape_raises():
+    graph, _ = small_cnn(batch=2)
+    bad = [{"input": np.zeros((3, 3, 8, 8), np.float32)}]
+    with pytest.raises(PassError, match="N a multiple of 2"):
+        PassManager("quantize:int8", calibration=bad).run(graph)
+
+
+# --- observers --------------------------------------------------------------------------------
+
+
+def test_observers_on_outlier():
+    batches = [RNG.standard_normal(4000).astype(np.float32) for _ in range(3)]
+    batches[1][17] = 80.0  # one outlier among 12,000 elements
+    minmax, percentile = MinMaxObserver(), PercentileObserver(99.9)
+    for observer in (minmax, percentile):
+        for batch in batches:
+            observer.update(batch)
+    assert minmax.range()[1] == 80.0
+    low, high = percentile.range()
+    assert 2.5 < high < 4.0  # the 99.9th percentile of a standard normal is 3.09
+    assert -4.0 < low < -2.5
+
+
+def test_mse_observer_trims_heavy_tails():
+    data = np.random.default_rng(0).standard_t(2, size=20000).astype(np.float32)
+    observer = MseObserver()
+    observer.update(data)
+    low, high = observer.range()
+    assert float(data.min()) < low < 0
+    assert 0 < high < float(data.max())
+    # At 8 bits clipping a tail costs more than coarser steps, so the trim is small (~5%).
+    assert observer.error(low, high) < observer.error(float(data.min()), float(data.max()))
+
+
+def test_percentile_calibration_in_pipeline():
+    graph, _ = small_cnn()
+    calibration = cnn_batches(4)
+    minmax = quantized(graph, "quantize:int8:calib=minmax", calibration=calibration)
+    clipped = quantized(graph, "quantize:int8:calib=percentile:percentile=99", calibration)
+    assert clipped.nodes[1].attrs["y_scale"] < minmax.nodes[1].attrs["y_scale"]
+    mse = quantized(graph, "quantize:int8:calib=mse", calibration)
+    assert mse.nodes[1].attrs["y_scale"] <= minmax.nodes[1].attrs["y_scale"]
+
+
+# --- sensitivity ------------------------------------------------------------------------------
+
+
+def test_sensitivity_sorted_and_matches_single_layer_runs():
+    graph, _ = small_cnn()
+    calibration = cnn_batches(4)
+    feeds = cnn_feeds()
+    report = sensitivity(graph, feeds, calibration)
+    layers = [node.name for node in graph.nodes if node.op in ("conv2d", "linear")]
+    assert sorted(item.layer for item in report) == sorted(layers)
+    errors = [item.error for item in report]
+    assert errors == sorted(errors, reverse=True)
+    assert all(error > 0 for error in errors)
+    # Quantizing only the most sensitive layer (skipping every other) gives its error.
+    others = ";".join(name for name in layers if name != report[0].layer)
+    single = quantized(graph, f"quantize:int8:skip={others}", calibration)
+    expected = executor.run(graph, feeds)["output"]
+    error = output_error([expected], [executor.run(single, feeds)["output"]])
+    assert error == pytest.approx(report[0].error, rel=1e-6)
+
+
+def test_sensitivity_option_fills_details():
+    graph, _ = small_cnn()
+    report = PassManager("quantize:int8:sensitivity=true", feeds=cnn_feeds()).run(graph)
+    rows = report.records[0].details["sensitivity"]
+    assert len(rows) == 4
+    assert rows[0]["error"] >= rows[-1]["error"]
+
+
+# --- dynamic and weight-only modes ------------------------------------------------------------
+
+
+def transformer_block() -> tuple[Graph, torch.Tensor]:
+    """ids[2,6] -> embedding(200x32) -> x;  layer_norm(x + linear(gelu(linear(x)))), 32->64->32"""
+    torch.manual_seed(5)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(200, 32)
+            self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+            self.norm = nn.LayerNorm(32)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            return self.norm(x + self.down(nn.functional.gelu(self.up(x))))
+
+    ids = torch.randint(0, 200, (2, 6))
+    graph = import_torch(Block().eval(), (ids,))
+    return PassManager(DEFAULT_PIPELINE).run(graph).graph, ids
+
+
+def test_dynamic_quantizes_linear_layers():
+    graph, x = transformer_block()
+    result = quantized(graph, "quantize:dynamic")
+    assert ops_of(result).count("dynamic_qlinear") == 2
+    assert "linear" not in ops_of(result)
+    assert result.node("embed").inputs[1].dtype == "int8"
+    # int8 weights and tables; biases, layer_norm parameters and scales stay float32.
+    assert graph_stats(graph).bytes / graph_stats(result).bytes > 3.3
+    feeds = {graph.inputs[0].name: x.numpy()}
+    expected = executor.run(graph, feeds)["output"]
+    actual = executor.run(result, feeds)["output"]
+    flat_expected, flat_actual = expected.reshape(-1), actual.reshape(-1)
+    cosine = flat_expected @ flat_actual / (np.linalg.norm(expected) * np.linalg.norm(actual))
+    assert cosine > 0.999
+    # ONNX Runtime (DynamicQuantizeLinear, MatMulInteger) computes the same integers.
+    np.testing.assert_allclose(run_ort(result, feeds)[0], actual, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_tvm_matches_reference():
+    pytest.importorskip("tvm")
+    from graphcomp.backends.tvm import build
+
+    graph, x = transformer_block()
+    result = quantized(graph, "quantize:dynamic")
+    feeds = {graph.inputs[0].name: x.numpy()}
+    expected = executor.run(result, feeds)["output"]
+    # Float outputs: TVM may contract multiply-add into FMA, so allow float32 rounding.
+    np.testing.assert_allclose(build(result, "cpu").run(feeds)["output"], expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_weight_only_is_four_times_smaller():
+    graph, _ = small_cnn()
+    result = quantized(graph, "quantize:weight-only")
+    assert ops_of(result).count("dequantize") == 4
+    ratio = graph_stats(graph).bytes / graph_stats(result).bytes
+    assert 3.5 < ratio <= 4.0
+    feeds = cnn_feeds()
+    expected = executor.run(graph, feeds)["output"]
+    actual = executor.run(result, feeds)["output"]
+    assert output_error([expected], [actual]) < 0.02
+    np.testing.assert_allclose(run_ort(result, feeds)[0], actual, rtol=1e-5, atol=1e-5)
+
+
+# --- cases from public bug reports ------------------------------------------------------------
+
+
+def depthwise_model():
+    """Depthwise 3x3 whose filters' ranges span 1000x (as after batch-norm folding)."""
+    torch.manual_seed(0)
+    dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    with torch.no_grad():
+        dw.weight.mul_(torch.logspace(-3, 0, 16).view(16, 1, 1, 1))
+    model = nn.Sequential(dw, nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    return model, torch.randn(4, 16, 8, 8)
+
+
+def per_channel_relative_error(restored: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    flat, restored_flat = weight.reshape(len(weight), -1), restored.reshape(len(weight), -1)
+    return np.linalg.norm(restored_flat - flat, axis=1) / np.linalg.norm(flat, axis=1)
+
+
+def test_depthwise_per_channel_scales():
+    model, x = depthwise_model()
+    weight = model[0].weight.detach().numpy()
+    # Per-tensor int8 (one scale for all filters) zeroes the smallest filters.
+    per_tensor_scale = np.abs(weight).max() / 127
+    per_tensor = np.clip(np.round(weight / per_tensor_scale), -127, 127) * per_tensor_scale
+    assert np.sum(np.abs(per_tensor).reshape(16, -1).sum(axis=1) == 0) >= 1
+
+    graph = import_torch(model, (x,))
+    result = quantized(graph, DEFAULT_PIPELINE + ",quantize:int8",
+                       calibration=[{"input": x.numpy()}])
+    depthwise = next(n for n in result.nodes if n.op == "qconv2d" and n.attrs["groups"] == 16)
+    weight_q, w_scale = depthwise.inputs[1].data, depthwise.inputs[2].data
+    restored = weight_q.astype(np.float32) * w_scale[:, None, None, None]
+    errors = per_channel_relative_error(restored, weight)
+    assert errors.max() < 0.01
+    assert np.all(np.abs(weight_q).reshape(16, -1).sum(axis=1) > 0)
+    assert np.all(w_scale > 0)
+    expected = model(x).detach().numpy()
+    assert output_error([expected], [executor.run(result, {"input": x.numpy()})["output"]]) < 0.05
+
+
+def linear_5x5():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5)).eval()
+    x = torch.rand(1, 5)
+    return model, x, import_torch(model, (x,))
+
+
+def test_no_calibration_raises_naming_tensors():
+    _, _, graph = linear_5x5()
+    with pytest.raises(PassError, match="tensors have no range: 'input', 'output'"):
+        PassManager("quantize:int8").run(graph)
+    with pytest.raises(PassError, match="zero calibration batches were given"):
+        PassManager("quantize:int8", calibration=[]).run(graph)
+
+
+def test_no_calibration_leaves_graph_unchanged():
+    _, _, graph = linear_5x5()
+    before = ops_of(graph)
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        Quantize(mode="int8").run(graph, PassContext())
+    assert ops_of(graph) == before
+
+
+def test_calibrated_linear_within_tolerance():
+    model, x, graph = linear_5x5()
+    torch.manual_seed(1)
+    calibration = [{"input": torch.rand(16, 5).numpy()} for _ in range(4)]
+    result = quantized(graph, "quantize:int8", calibration=calibration)
+    expected = model(x).detach().numpy()
+    actual = executor.run(result, {"input": x.numpy()})["output"]
+    assert np.abs(actual - expected).max() <= 0.05
+    assert np.any(actual != 0)
+
+
+# --- digits CNN -------------------------------------------------------------------------------
+
+
+def digits_split():
+    spec = importlib.util.spec_from_file_location("digits_cnn_model", DIGITS_MODEL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_split()
+
+
+def accuracy(graph: Graph, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+    correct = 0
+    for start in range(0, len(images), batch):
+        logits = executor.run(graph, {"input": images[start:start + batch]})["output"]
+        correct += int(np.sum(logits.argmax(axis=1) == labels[start:start + batch]))
+    return 100.0 * correct / len(images)
+
+
+def test_digits_int8_accuracy_and_size():
+    train_images, _, test_images, test_labels = digits_split()
+    batch = 40  # 360 test images = 9 batches
+    model, _ = digits_cnn()
+    graph = import_torch(model, (torch.from_numpy(test_images[:batch]),))
+    float_graph = PassManager(DEFAULT_PIPELINE).run(graph).graph
+    calibration = [{"input": train_images[:1400]}]  # split into 35 runs of the graph
+    int8_graph = quantized(float_graph, "quantize:int8", calibration=calibration)
+    assert ops_of(int8_graph).count("qconv2d") == 2
+    float_accuracy = accuracy(float_graph, test_images, test_labels, batch)
+    int8_accuracy = accuracy(int8_graph, test_images, test_labels, batch)
+    assert float_accuracy > 95.0
+    assert abs(int8_accuracy - float_accuracy) <= 0.5
+    ratio = graph_stats(float_graph).bytes / graph_stats(int8_graph).bytes
+    assert 3.7 < ratio <= 4.0
