@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from graphcomp.dependency import analyze_channels, reshape_block
 from graphcomp.frontends.torch_frontend import import_torch
 from graphcomp.ir import Graph, Node, Value
-from graphcomp.ops import register_op, registered_ops
+from graphcomp.ops import register_op, unregister_op
 
 
 def imported(module: nn.Module, *shapes) -> Graph:
@@ -255,17 +255,20 @@ def test_softmax_over_channels_fixes_group_with_warning(caplog):
     assert "normalizes over the channel dim" in group.fixed
 
 
-def _register_test_op() -> str:
+@pytest.fixture
+def channel_mixer_op():
+    """A test-only op that flips the channels, registered for one test and then removed so the
+    registry-coverage tests of other files never see it."""
     name = "test_channel_mixer"
-    if name not in registered_ops():
-        register_op(name, infer=lambda node: [(node.inputs[0].shape, node.inputs[0].dtype)],
-                    torch=lambda node, x: x.flip(1), relax=lambda node, x: x,
-                    doc="flips the channels; the dependency tests use it as an unknown op")
-    return name
+    register_op(name, infer=lambda node: [(node.inputs[0].shape, node.inputs[0].dtype)],
+                torch=lambda node, x: x.flip(1), relax=lambda node, x: x,
+                doc="flips the channels; the dependency tests use it as an unknown op")
+    yield name
+    unregister_op(name)
 
 
-def test_unknown_op_fixes_group_and_warns(caplog):
-    op = _register_test_op()
+def test_unknown_op_fixes_group_and_warns(caplog, channel_mixer_op):
+    op = channel_mixer_op
     graph = imported(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)),
                      (1, 3, 4, 4))
     relu = graph.node("1")

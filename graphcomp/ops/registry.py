@@ -73,5 +73,10 @@ def get_op(name: str) -> OpDef:
         raise GraphcompError(f"unknown op '{name}'; registered ops: {known}") from None
 
 
+def unregister_op(name: str) -> None:
+    """Remove an op from the registry (for tests and plugins that add ops temporarily)."""
+    _REGISTRY.pop(name, None)
+
+
 def registered_ops() -> dict[str, OpDef]:
     return dict(_REGISTRY)
