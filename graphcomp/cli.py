@@ -120,6 +120,12 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="write the IR text form after each pass into this folder")
     compile_.add_argument("--repeat", type=int, default=5,
                           help="timed runs for the latency figures (default 5)")
+    compile_.add_argument("--recover", type=Path, metavar="FILE.npz",
+                          help="after lossy passes, fine-tune the result against the original "
+                               "model (knowledge distillation) on this training data, named "
+                               "like --data, optional 'labels'")
+    compile_.add_argument("--recover-epochs", type=int, default=10, metavar="N",
+                          help="epochs of --recover fine-tuning (default 10)")
     tuning = compile_.add_argument_group("tuning")
     tuning.add_argument("--tune", action="store_true",
                         help="tune every kernel with MetaSchedule before building; kernels "
@@ -295,7 +301,7 @@ def _cmd_compile(args) -> int:
     from graphcomp.compiler import CompileOptions, compile_model
 
     for flag, value in (("--samples", args.samples), ("--max-samples", args.max_samples),
-                        ("--repeat", args.repeat)):
+                        ("--repeat", args.repeat), ("--recover-epochs", args.recover_epochs)):
         if value < 1:
             raise OptionError(f"{flag} must be at least 1, got {value}")
     if not 0 < args.tolerance < float("inf"):
@@ -306,7 +312,7 @@ def _cmd_compile(args) -> int:
         tolerance=args.tolerance, verify_passes=not args.no_verify_passes,
         dump_dir=args.dump_dir, benchmark_repeat=args.repeat, tune=args.tune,
         trials=args.trials, tuning_db=args.tuning_db, rpc_tracker=args.rpc_tracker,
-        rpc_key=args.rpc_key,
+        rpc_key=args.rpc_key, recover=args.recover, recover_epochs=args.recover_epochs,
     )
     columns = (SpinnerColumn(), TextColumn("{task.description}"), _OptionalBarColumn(),
                TextColumn("{task.fields[detail]}"), TimeElapsedColumn())

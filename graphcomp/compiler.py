@@ -63,6 +63,8 @@ class CompileOptions:
     tuning_db: Path | None = None  # tuning database folder; None is the user's cache folder
     rpc_tracker: str | None = None  # HOST:PORT of a TVM RPC tracker to measure on
     rpc_key: str | None = None  # device key registered at that tracker
+    recover: Path | None = None  # .npz training data for distillation after the passes
+    recover_epochs: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,6 +109,10 @@ def compile_model(
         )
         pipeline_report = manager.run(original)
         final = pipeline_report.graph
+        recovery = None
+        if options.recover is not None:
+            step(f"recovering accuracy by distillation on {options.recover}")
+            final, recovery = _recover(original, final, options)
 
         tuning = None
         if tuning_options is not None:
@@ -121,6 +127,8 @@ def compile_model(
 
         report = _base_report(loaded, options, passes_text, original, final, dataset)
         report["passes_run"] = pipeline_report.to_dict()["records"]
+        if recovery is not None:
+            report["recovery"] = recovery
         report["build_seconds"] = round(build_seconds, 3)
         if tuning is not None:
             report["tuning"] = tuning.to_report()  # after the build, which counts applied tasks
@@ -163,6 +171,36 @@ def _tuning_options(options: CompileOptions):
     tuning = TuningOptions(trials=options.trials, database=options.tuning_db, rpc=rpc)
     tuning.check()
     return tuning
+
+
+def _recover(original: Graph, compressed: Graph, options: CompileOptions):
+    """Fine-tune ``compressed`` against ``original`` (the teacher) on the --recover data."""
+    from graphcomp.finetune import FinetuneOptions, finetune
+
+    arrays = _read_training_arrays(Path(options.recover), original)
+    result = finetune(compressed, original, arrays,
+                      FinetuneOptions(epochs=options.recover_epochs, lr=1e-2))
+    summary = {
+        "data": str(options.recover),
+        "examples": int(len(next(iter(arrays.values())))),
+        "epochs": options.recover_epochs,
+        "seconds": round(result.seconds, 3),
+        "loss": result.loss,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+    }
+    return result.graph, summary
+
+
+def _read_training_arrays(path: Path, graph: Graph) -> dict[str, np.ndarray]:
+    """Whole arrays (not batches) of a .npz file, checked as --data files are."""
+    dataset = load_dataset(path, graph)
+    arrays = {
+        value.name: np.concatenate([batch[value.name] for batch in dataset.batches])
+        for value in graph.inputs
+    }
+    if dataset.labels is not None:
+        arrays["labels"] = dataset.labels
+    return arrays
 
 
 def _pick_dataset(loaded: LoadedModel, options: CompileOptions) -> Dataset:

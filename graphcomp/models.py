@@ -68,10 +68,15 @@ def digits_cnn() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     return model, (example,)
 
 
-def digits_data() -> dict[str, np.ndarray]:
-    """Return the held-out test split: ``input`` [N, 1, 8, 8] float32 in [0, 1], ``labels`` [N]
-    int64. It is the split ``train.py`` held out (20%, stratified, random_state=0)."""
-    _, _, images, labels = _digits_module().load_split()
+def digits_data(split: str = "test") -> dict[str, np.ndarray]:
+    """Return a split of the digits: ``input`` [N, 1, 8, 8] float32 in [0, 1], ``labels`` [N]
+    int64. "test" is the 20% that ``train.py`` held out (stratified, random_state=0), "train"
+    the 80% it trained on (for calibration and recovery)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    train_images, train_labels, images, labels = _digits_module().load_split()
+    if split == "train":
+        return {"input": train_images, "labels": train_labels}
     return {"input": images, "labels": labels}
 
 

@@ -52,3 +52,27 @@ def test_minilm_embeddings_match_pytorch(tmp_path):
     report = compile_zoo("minilm", tmp_path)
     check_lossless(report)
     assert report["drift"]["cosine"] >= 0.99999
+
+
+def test_digits_pruned_half_then_recovered(tmp_path):
+    import numpy as np
+    import torch
+
+    from graphcomp.models import digits_data
+
+    train = tmp_path / "train.npz"
+    np.savez(train, **digits_data("train"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a shared 2-core machine train far slower
+    try:
+        report = compile_zoo("digits-cnn", tmp_path, max_samples=1000, recover=train,
+                             passes="fold-bn,prune:ratio=0.5:criterion=l2,dce")
+    finally:
+        torch.set_num_threads(threads)
+    before, after = report["graph"]["before"], report["graph"]["after"]
+    assert after["params"] < 0.3 * before["params"]
+    assert after["macs"] < 0.3 * before["macs"]
+    drift = report["drift"]
+    assert drift["accuracy"] >= drift["reference_accuracy"] - 0.01
+    assert report["recovery"]["examples"] == 1437
+    assert report["verify"]["relative_error"] <= TOLERANCE
