@@ -268,7 +268,8 @@ def test_corrupt_database_fails_with_file_name(tuned, tmp_path, capsys):
                  "--tune", "--tuning-db", str(copy)])
     assert code == 2
     message = capsys.readouterr().err
-    assert "tune-db" in message and "prune" in message
+    assert "tune-db" in message
+    assert "prune" in message
 
 
 def test_other_format_version_rejected(tuned, tmp_path):
@@ -288,7 +289,8 @@ def test_tune_db_list(tuned, capsys):
     assert main(["tune-db", "--tuning-db", str(folder), "list"]) == 0
     output = capsys.readouterr().out
     assert database_file(folder).stem in output
-    assert "1 workloads" in output and "8 records" in output
+    assert "1 workloads" in output
+    assert "8 records" in output
     assert "fused_matmul_relu" in output
 
 

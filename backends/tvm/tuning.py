@@ -261,7 +261,8 @@ class _Progress:
     def __init__(self, plans: list[_TaskPlan], callback: ProgressCallback | None):
         self.plans = plans
         self.callback = callback
-        self.reused = sum(1 for p in plans if p.finished)
+        # With --trials 0 a task without records is also finished, but nothing is reused.
+        self.reused = sum(1 for p in plans if p.finished and p.entry is not None)
         self.planned = sum(p.remaining for p in plans)
 
     def trials_done(self) -> int:
@@ -420,7 +421,7 @@ def _tune_group(group, remaining, target, database, options, tracker, builder, r
 
 @contextlib.contextmanager
 def _sigint_recorded() -> Iterator[Callable[[], bool]]:
-    """Yield a function that says whether SIGINT arrived. TVM turns a KeyboardInterrupt
+    """Yield a function that returns whether SIGINT arrived. TVM turns a KeyboardInterrupt
     raised inside a MetaSchedule callback into a RuntimeError without a message."""
     received = []
     previous = signal.getsignal(signal.SIGINT)

@@ -15,7 +15,7 @@ Each line is one JSON object:
 - ``{"record": I, "json": [...]}`` adds one measured candidate of workload I (MetaSchedule's
   ``TuningRecord.as_json``: trace, run seconds, target, argument info); failed candidates
   have run seconds ``[1e10]``, as MetaSchedule records them;
-- ``{"done": I, "trials": N}`` says that tuning workload I with a budget of N trials ended
+- ``{"done": I, "trials": N}`` records that tuning workload I with a budget of N trials ended
   (the search space ran out before N distinct candidates, or ``prune`` dropped records).
 
 The file is only appended to, a batch of records at a time, each batch flushed and synced,
@@ -257,7 +257,7 @@ class TargetDatabase:
             raise self._corrupt(1, "the header has no 'target' object")
         if target_key(stored) != self.path.stem:
             raise TuningDatabaseError(
-                f"{self.path}: the file holds records of target {json.dumps(stored)}, whose "
+                f"{self.path}: the file contains records of target {json.dumps(stored)}, whose "
                 f"file name is {target_key(stored)}{FILE_SUFFIX}; it was renamed or copied. "
                 f"Rename it back, or remove it with {self._prune_hint()}"
             )

@@ -5,9 +5,9 @@ The worker processes unpickle these functions by reference, so this module impor
 heavy at import time.
 
 Why not MetaSchedule's defaults: TVM 0.27's default build function and ``TuneContext``
-import ``tvm.s_tir.tensor_intrin``, whose package imports the intrinsics of every target;
-on a 2-core x86 machine that took about 38 to 46 s (34 s of it the CUDA intrinsics), longer
-than the builder's 30 s timeout. ``register_tensor_intrinsics`` imports only the intrinsics
+import ``tvm.s_tir.tensor_intrin``, whose package imports the intrinsics of every target.
+On a 2-core x86 machine that import took 38 to 46 s (34 s of it the CUDA intrinsics),
+longer than the builder's 30 s timeout. ``register_tensor_intrinsics`` imports only the intrinsics
 of the target's CPU family (0.4 s for x86) and the full package only for other targets.
 """
 
@@ -84,7 +84,8 @@ def initialize_worker(target_json: dict[str, Any]) -> None:
 
 
 def ready() -> bool:
-    """A no-op job that starts a worker process (its initializer runs first)."""
+    """Return True. Submitted once per worker, it starts the worker process early (the
+    initializer runs before it)."""
     return True
 
 
@@ -108,9 +109,9 @@ def build_candidate(mod, target, _params):
 
 
 def export_shared_library(module, folder: str) -> str:
-    """Export a built candidate as a shared library in a new subfolder of ``folder`` (the
-    measure callback that deletes artifacts removes the library's whole folder); return its
-    path.
+    """Export a built candidate as a shared library in a new subfolder of ``folder``; return
+    its path. Each library gets its own folder because MetaSchedule's callback that deletes
+    artifacts removes the artifact's whole folder.
 
     A shared library, unlike MetaSchedule's default tar of object files, is linked here, in
     the parallel builder workers, and not in the single local runner process.
