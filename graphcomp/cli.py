@@ -367,7 +367,8 @@ def _print_summary(report) -> None:
     if "skipped" in verify:
         lines.append(f"  verify   skipped: {verify['skipped']}")
     else:
-        lines.append(f"  verify   artifact vs reference executor: max abs error "
+        emulated = f" (under {verify['emulated']})" if "emulated" in verify else ""
+        lines.append(f"  verify   artifact{emulated} vs reference executor: max abs error "
                      f"{verify['max_abs_error']:.3g} (relative {verify['relative_error']:.3g})")
     drift_line = (f"  drift    final graph vs original: max abs error {drift['max_abs_error']:.3g} "
                   f"(relative {drift['relative_error']:.3g}), cosine {drift['cosine']:.6f}")
@@ -467,9 +468,23 @@ def _cmd_run(args) -> int:
 
     if args.benchmark < 0:
         raise OptionError(f"--benchmark must be 0 or more runs, got {args.benchmark}")
-    model = load_artifact(args.artifact)
-    feeds = _read_inputs(args.input, [spec.name for spec in model.inputs])
-    outputs = model.run(feeds)
+    from graphcomp.backends.tvm.aarch64_runner import needs_emulation, run_artifact
+    from graphcomp.backends.tvm.artifact import read_artifact
+
+    if args.artifact.is_dir() and (args.artifact / "manifest.json").is_file() \
+            and needs_emulation(args.artifact):
+        # An aarch64 artifact on another host runs under qemu-aarch64.
+        if args.benchmark:
+            raise OptionError("--benchmark times native runs; emulated aarch64 timings mean "
+                              "nothing, so run this artifact on an aarch64 machine to time it")
+        contents = read_artifact(args.artifact)
+        feeds = _read_inputs(args.input, [spec.name for spec in contents.inputs])
+        outputs = run_artifact(args.artifact, feeds)
+        model = None
+    else:
+        model = load_artifact(args.artifact)
+        feeds = _read_inputs(args.input, [spec.name for spec in model.inputs])
+        outputs = model.run(feeds)
     for name, array in outputs.items():
         console.print(f"{name}: {array.dtype}{list(array.shape)} min {array.min():.6g} "
                       f"max {array.max():.6g} mean {array.mean():.6g}", highlight=False)

@@ -143,6 +143,8 @@ def compile_model(
 
         step(f"writing {out_dir}")
         built.export(staging)
+        if options.target not in HOST_TARGETS:
+            _verify_emulated(report, final, staging, dataset, options)
         save_graph(final, staging / "graph.json")
         write_text_atomic(staging / "graph.txt", format_graph(final))
         report["artifact"] = str(out_dir)
@@ -259,6 +261,37 @@ def _verify_and_measure(report, loaded, final, built, dataset, options) -> None:
         loaded.reference_name: round(loaded.time_reference(feeds, options.benchmark_repeat), 4),
         "graphcomp": round(built.benchmark(feeds, repeat=options.benchmark_repeat), 4),
     }
+
+
+EMULATED_BATCHES = 4  # qemu runs take about 0.3 to 1 s each
+
+
+def _verify_emulated(report, final: Graph, folder: Path, dataset: Dataset, options) -> None:
+    """Verify an aarch64 artifact under qemu-aarch64 when this host can emulate it."""
+    from graphcomp.backends.tvm.aarch64_runner import (
+        EmulatorUnavailableError, needs_emulation, prepare_runtime, run_artifact,
+    )
+
+    if not needs_emulation(folder):
+        return
+    try:
+        runtime = prepare_runtime()
+    except EmulatorUnavailableError as exc:
+        report["verify"] = {"skipped": f"cannot emulate aarch64 here: {exc}"}
+        return
+    verify = ErrorStats()
+    for feeds in dataset.batches[:EMULATED_BATCHES]:
+        expected = executor.run(final, feeds)
+        actual = run_artifact(folder, feeds, runtime=runtime)
+        for value in final.outputs:
+            verify.add(expected[value.name], actual[value.name])
+    report["verify"] = {**verify.to_dict(), "emulated": "qemu-aarch64",
+                        "batches": min(len(dataset.batches), EMULATED_BATCHES)}
+    if verify.mismatch or verify.relative_error > options.tolerance:
+        raise VerificationError(
+            f"the aarch64 artifact, run under qemu-aarch64, differs from the reference executor "
+            f"by {verify.relative_error:.3g} (relative), above the tolerance {options.tolerance:g}"
+        )
 
 
 def _drift(loaded: LoadedModel, final: Graph, dataset: Dataset) -> dict[str, Any]:

@@ -361,3 +361,31 @@ def test_cuda_artifact_runs_on_gpu(net, tmp_path):
     actual = load_artifact(tmp_path / "gpu").run(feeds)
     for output in expected:
         assert relative_error(expected[output], actual[output]) <= 1e-5, output
+
+
+@pytest.mark.slow
+def test_cli_compiles_verifies_and_runs_arm(emulator, tmp_path, capsys):
+    """compile --target arm verifies under qemu-aarch64, and graphcomp run emulates too."""
+    import json
+
+    from graphcomp import executor
+    from graphcomp.cli import main
+    from graphcomp.models import digits_data
+    from graphcomp.models_io import load_model
+
+    out = tmp_path / "arm"
+    assert main(["compile", "zoo:digits-cnn", "--target", "arm", "--max-samples", "2",
+                 "-o", str(out)]) == 0
+    verify = json.loads((out / "report.json").read_text())["verify"]
+    assert verify["emulated"] == "qemu-aarch64"
+    assert verify["relative_error"] <= 1e-5
+
+    image = digits_data()["input"][:1]
+    np.save(tmp_path / "image.npy", image)
+    outputs = tmp_path / "outputs.npz"
+    assert main(["run", str(out), "--input", f"input={tmp_path / 'image.npy'}",
+                 "-o", str(outputs)]) == 0
+    graph = load_model("zoo:digits-cnn").graph
+    expected = executor.run(graph, {"input": image})[graph.outputs[0].name]
+    actual = np.load(outputs)[graph.outputs[0].name]
+    assert relative_error(expected, actual) <= 1e-5
