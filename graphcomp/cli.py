@@ -524,7 +524,9 @@ def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarr
         except FileNotFoundError:
             raise OptionError(f"--input {spec}: {path} not found") from None
         except (OSError, ValueError) as exc:
-            raise OptionError(f"--input {spec}: {path} is not a readable .npy file ({exc})") from None
+            raise OptionError(
+                f"--input {spec}: {path} is not a readable .npy file ({exc})"
+            ) from None
     missing = [name for name in input_names if name not in feeds]
     if missing:
         raise OptionError(f"missing --input for {missing}; the model's inputs are {input_names}")
@@ -549,7 +551,8 @@ def _cmd_targets(args) -> int:
     from graphcomp.backends.tvm import list_targets
 
     for name, target_json in list_targets().items():
-        console.print(f"[bold]{name}[/]: {json.dumps(target_json)}", highlight=False, soft_wrap=True)
+        line = Text.assemble((name, "bold"), f": {json.dumps(target_json)}")
+        console.print(line, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -309,7 +309,8 @@ def _drift(loaded: LoadedModel, final: Graph, dataset: Dataset) -> dict[str, Any
     if dataset.labels is not None:
         labels = dataset.labels
         result["accuracy"] = float(np.mean(np.concatenate(predictions) == labels))
-        result["reference_accuracy"] = float(np.mean(np.concatenate(reference_predictions) == labels))
+        reference = np.concatenate(reference_predictions)
+        result["reference_accuracy"] = float(np.mean(reference == labels))
     return result
 
 
@@ -440,7 +441,9 @@ def _prepare_dump_dir(folder: Path) -> None:
     except (FileExistsError, NotADirectoryError):
         raise OptionError(f"--dump-dir {folder}: a file is in the way; choose a folder") from None
     except OSError as exc:
-        raise OptionError(f"--dump-dir {folder}: cannot create the folder ({exc.strerror})") from None
+        raise OptionError(
+            f"--dump-dir {folder}: cannot create the folder ({exc.strerror})"
+        ) from None
 
 
 def _is_graphcomp_output(folder: Path) -> bool:

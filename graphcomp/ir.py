@@ -209,7 +209,9 @@ class Graph:
                     parent = produced_by.get(node.inputs[next_input])
                     if parent is not None and state.get(id(parent)) != 2:
                         if state.get(id(parent)) == 1:
-                            raise ValueError(f"graph '{self.name}' has a cycle through '{node.name}'")
+                            raise ValueError(
+                                f"graph '{self.name}' has a cycle through '{node.name}'"
+                            )
                         stack.append((parent, 0))
                 else:
                     state[id(node)] = 2

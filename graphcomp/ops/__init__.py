@@ -4,4 +4,7 @@ from graphcomp.ops import elementwise, nn, quantized, tensor  # noqa: F401  (reg
 from graphcomp.ops.elementwise import ACTIVATIONS, TORCH_DTYPES
 from graphcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op
 
-__all__ = ["ACTIVATIONS", "TORCH_DTYPES", "OpDef", "get_op", "register_op", "registered_ops", "unregister_op"]
+__all__ = [
+    "ACTIVATIONS", "TORCH_DTYPES", "OpDef", "get_op", "register_op", "registered_ops",
+    "unregister_op",
+]

@@ -62,7 +62,9 @@ def _split_relax(node, x):
 
 register_op(
     "split", infer=_split_infer,
-    torch=lambda node, x: tuple(torch.split(x, list(node.attrs["sizes"]), node.attrs.get("axis", 0))),
+    torch=lambda node, x: tuple(
+        torch.split(x, list(node.attrs["sizes"]), node.attrs.get("axis", 0))
+    ),
     relax=_split_relax,
     doc="split along attrs.axis into pieces of attrs.sizes; one output per piece",
 )
@@ -288,7 +290,9 @@ def _reduce_infer(node):
 def _register_reduce(name, torch_fn, relax_name):
     register_op(
         name, infer=_reduce_infer,
-        torch=lambda node, x: torch_fn(x, _reduce_axes(node), bool(node.attrs.get("keepdims", True))),
+        torch=lambda node, x: torch_fn(
+            x, _reduce_axes(node), bool(node.attrs.get("keepdims", True))
+        ),
         relax=lambda node, x: getattr(relax_module().op, relax_name)(
             x, axis=_reduce_axes(node), keepdims=bool(node.attrs.get("keepdims", True))
         ),
