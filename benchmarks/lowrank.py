@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,8 @@ from graphcomp.models_io import load_model
 from graphcomp.pipeline import DEFAULT_PIPELINE, PassManager
 from graphcomp.serialize import write_text_atomic
 
+from common import machine_description, median_ms  # noqa: E402  (this folder)
+
 RESULTS = Path(__file__).with_name("lowrank_results.md")
 
 SETTINGS = {
@@ -44,14 +45,6 @@ SETTINGS = {
 }
 
 
-def median_ms(function, repeat: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def one_blas_thread():
@@ -134,7 +127,8 @@ def measure(name: str, repeat: int) -> list[dict]:
 
 def format_table(rows: list[dict], repeat: int) -> str:
     lines = [
-        f"Measured {datetime.date.today().isoformat()} on {_machine()}, median of {repeat} "
+        f"Measured {datetime.date.today().isoformat()} on {machine_description()}, "
+        f"median of {repeat} "
         "runs, batch 1, fp32. TVM untuned (default schedules). Ratios are decomposed / "
         "original on the same backend. Quality is measured without fine-tuning.",
         "",
@@ -165,19 +159,6 @@ def format_table(rows: list[dict], repeat: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,17 +25,11 @@ from graphcomp.models_io import ZOO, load_model
 from graphcomp.pipeline import DEFAULT_PIPELINE, PassManager, parse_pipeline
 from graphcomp.serialize import write_text_atomic
 
+from common import machine_description, median_ms  # noqa: E402  (this folder)
+
 RESULTS = Path(__file__).with_name("results.md")
 
 
-def median_ms(function, repeat: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def onnxruntime_ms(path: str, feeds, repeat: int) -> float:
@@ -99,7 +90,8 @@ def format_table(rows: list[dict], repeat: int) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        f"Measured {datetime.date.today().isoformat()} on {_machine()}, median of {repeat} runs, "
+        f"Measured {datetime.date.today().isoformat()} on {machine_description()}, "
+        f"median of {repeat} runs, "
         "batch 1, fp32, default pass pipeline. 'graphcomp' is untuned (default TVM schedules); "
         "'tuned' uses MetaSchedule records of the tuning database (tuning time in 'tune s', 0 "
         "when every kernel was already tuned). For PyTorch models, ONNX Runtime runs "
@@ -122,16 +114,6 @@ def format_table(rows: list[dict], repeat: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
