@@ -50,8 +50,8 @@ def graph_stats(graph: Graph) -> GraphStats:
 
 
 def to_networkx(graph: Graph) -> nx.MultiDiGraph:
-    """A networkx view: one graph node per IR node (keyed by name, with ``node`` holding the IR
-    node), one edge per value passed from producer to consumer (``value`` holds the Value).
+    """A networkx view: one graph node per IR node (keyed by name, with ``node`` set to the IR
+    node), one edge per value passed from producer to consumer (``value`` is the Value).
     Graph inputs and constants are not nodes; analyses find them through the IR."""
     view = nx.MultiDiGraph(name=graph.name)
     for node in graph.nodes:

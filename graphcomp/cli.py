@@ -343,7 +343,7 @@ class _OptionalBarColumn(BarColumn):
 
 
 def _tuning_detail(state) -> str:
-    """One line for the tuning bar: tasks, trials, the last task's and the model's best."""
+    """Format the tuning bar's line: tasks, trials, the last task's and the model's best."""
     parts = [f"tasks {state.tasks_done}/{state.tasks_total}"]
     if state.reused_tasks:
         parts[0] += f" ({state.reused_tasks} reused)"

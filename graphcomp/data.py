@@ -1,6 +1,6 @@
 """Inputs for verification, calibration and benchmarks: seeded random feeds or a .npz dataset.
 
-A dataset file holds one array per graph input, named after the input, whose first dim is the
+A dataset file contains one array per graph input, named after the input, whose first dim is the
 number of samples times the graph's batch size; an optional ``labels`` array (one integer per
 example) gives accuracy.
 """

@@ -102,7 +102,7 @@ class FinetuneResult:
 
     ``history`` has one entry per epoch: ``epoch``, ``steps``, ``loss`` (mean training loss),
     ``lr`` (at the end of the epoch), ``seconds``, and the validation metrics when validation
-    data is given (see ``_split_metrics``). ``initial`` holds the student's validation metrics
+    data is given (see ``_split_metrics``). ``initial`` contains the student's validation metrics
     before training and ``teacher`` the teacher's, against labels.
     """
 
@@ -291,7 +291,7 @@ def _examples(graph: Graph, data: Mapping[str, np.ndarray],
     count = next(iter(counts.values()))
     if count == 0 or count % batch:
         raise ShapeError(
-            f"{data_name} holds {count} examples, but graph '{graph.name}' runs {batch} at a "
+            f"{data_name} contains {count} examples, but graph '{graph.name}' runs {batch} at a "
             f"time: pass a non-zero multiple of {batch} examples"
         )
     return arrays
@@ -385,7 +385,7 @@ def _check_targets(student: Graph, targets: list[np.ndarray], data_name: str) ->
             )
         if not np.isfinite(target).all():
             raise GraphcompError(
-                f"{data_name}: the teacher's output '{value.name}' holds NaN or infinite "
+                f"{data_name}: the teacher's output '{value.name}' contains NaN or infinite "
                 "values; check the teacher and the data"
             )
     for index, target in enumerate(targets):
@@ -677,7 +677,7 @@ class _Trainer:
 
 
 def _zero_masks(module: GraphModule) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Return, for each trainable parameter that holds zeros, a mask that keeps them zero."""
+    """Return, for each trainable parameter that contains zeros, a mask that keeps them zero."""
     masks = {}
     for name, parameter in module.named_parameters():
         zeros = parameter.detach() == 0

@@ -9,7 +9,7 @@ from graphcomp.ir import Constant, Graph, Node
 
 
 def node_rows(graph: Graph) -> list[dict[str, Any]]:
-    """One row per node: name, op, input and output types, params, MACs, the pass that made it."""
+    """Return one row per node: name, op, input and output types, params, MACs, the pass that made it."""
     rows = []
     for node in graph.nodes:
         rows.append({
@@ -36,7 +36,7 @@ def _signature(node: Node) -> tuple:
 
 
 def compare_graphs(before: Graph, after: Graph) -> dict[str, Any]:
-    """Which nodes (by name) a pipeline removed, added or changed, and the totals before and
+    """List which nodes (by name) a pipeline removed, added or changed, and the totals before and
     after as (before, after) pairs."""
     old = {node.name: node for node in before.nodes}
     new = {node.name: node for node in after.nodes}

@@ -219,7 +219,7 @@ class Graph:
         self.nodes = order
 
     def copy(self) -> "Graph":
-        """A structural deep copy. Constant arrays are shared, which is safe because passes never
+        """Return a structural deep copy. Constant arrays are shared, which is safe because passes never
         change a constant's data in place."""
         memo: dict[int, Any] = {}
         for const in self.constants():

@@ -199,7 +199,7 @@ def test_data_wrong_example_shape():
 
 def test_data_count_not_batch_multiple():
     graph = map_net()
-    with pytest.raises(ShapeError, match="holds 5 examples.*multiple of 2"):
+    with pytest.raises(ShapeError, match="contains 5 examples.*multiple of 2"):
         finetune(graph, graph, examples(graph, 5, 0))
 
 

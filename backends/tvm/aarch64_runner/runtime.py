@@ -231,6 +231,6 @@ def _built_runner(cache: Path, include: Path, library_dirs: tuple[Path, ...]) ->
         raise BackendError(
             f"cross-compiling {RUNNER_SOURCE} timed out after {COMPILE_TIMEOUT_S} s"
         ) from exc
-    staging.rename(runner)  # atomic, so a concurrent build never sees half a file
+    staging.rename(runner)  # atomic, so a concurrent build never reads half a file
     logger.info("built the aarch64 runner %s", runner)
     return runner
