@@ -93,7 +93,19 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--text", action="store_true",
                          help="print the IR text form instead of the table")
+    inspect.add_argument("--dump-dir", type=Path,
+                         help="write the IR text form before and after each pass into this "
+                              "folder (00-input.txt, 01-PASS.txt, ...)")
     inspect.set_defaults(handler=_cmd_inspect)
+
+    report = commands.add_parser(
+        "report", help="write the HTML report of a compile output folder (compile writes it too)"
+    )
+    report.add_argument("out_dir", type=Path, metavar="OUT_DIR",
+                        help="output folder of 'graphcomp compile', with its report.json")
+    report.add_argument("-o", "--output", type=Path, metavar="FILE.html",
+                        help="where to write the page (default: OUT_DIR/report.html)")
+    report.set_defaults(handler=_cmd_report)
 
     compile_ = commands.add_parser("compile", help="run passes, build, verify, write an artifact")
     _add_model_arguments(compile_)
@@ -104,9 +116,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                "default: the lossless default pipeline")
     compile_.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR",
                           help="output folder for the artifact and report.json")
-    compile_.add_argument("--data", type=Path, metavar="FILE.npz",
-                          help="inputs named after the graph inputs (N x input shape), "
-                               "optional 'labels' for accuracy")
+    compile_.add_argument("--data", type=Path, metavar="FILE.npz|DIR",
+                          help="inputs: a .npz with one array per graph input, or a folder "
+                               "with NAME.npy per input, named after the inputs, examples "
+                               "stacked on the leading axis (N x input shape); optional "
+                               "'labels' for accuracy. Passes that calibrate use the first "
+                               "half, verification the rest")
     compile_.add_argument("--seed", type=int, default=0, help="seed of random inputs")
     compile_.add_argument("--samples", type=int, default=2,
                           help="random input batches when no --data is given (default 2)")
@@ -169,7 +184,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="also time N runs and print the median latency")
     run.set_defaults(handler=_cmd_run)
 
-    passes = commands.add_parser("passes", help="list the available passes")
+    passes = commands.add_parser("passes", help="list the available passes, plugins included")
+    passes.add_argument("--json", action="store_true", help="print JSON instead of a table")
     passes.set_defaults(handler=_cmd_passes)
     targets = commands.add_parser("targets", help="list the named build targets")
     targets.set_defaults(handler=_cmd_targets)
@@ -214,22 +230,24 @@ def _input_shapes(args) -> dict[str, tuple[int, ...]] | None:
 
 
 def _cmd_inspect(args) -> int:
-    from graphcomp.inspect import compare_graphs, node_rows
+    from graphcomp.inspect import compare_graphs, node_changes, node_rows, pass_rows
     from graphcomp.models_io import load_model
     from graphcomp.serialize import format_graph
 
     loaded = load_model(args.model, _input_shapes(args))
     graph = loaded.graph
-    after = None
-    records = []
-    if args.after is not None:
-        after, records = _run_after(graph, args.after)
+    after = trace = None
+    if args.after is not None or args.dump_dir is not None:
+        # With --dump-dir alone, the empty pipeline writes only 00-input.txt.
+        final, trace = _run_after(graph, args.after or "none", args.dump_dir)
+        after = final if args.after is not None else None
 
     if args.json:
         payload = {"before": node_rows(graph)}
         if after is not None:
             payload["after"] = node_rows(after)
-            payload["passes"] = records
+            payload["passes"] = pass_rows(trace)
+            payload["nodes"] = node_changes(trace)
             payload["difference"] = compare_graphs(graph, after)
         console.print_json(json.dumps(payload))
         return 0
@@ -237,22 +255,30 @@ def _cmd_inspect(args) -> int:
         console.print(format_graph(after if after is not None else graph), highlight=False,
                       markup=False)
         return 0
-    _print_node_table(graph, f"{graph.name} ({loaded.source})")
-    if after is not None:
-        _print_node_table(after, f"{graph.name} after {args.after}")
-        _print_pass_table(records)
-        _print_difference(compare_graphs(graph, after))
+    if after is None:
+        _print_node_table(graph, f"{graph.name} ({loaded.source})")
+        return 0
+    _print_change_table(node_changes(trace), f"{graph.name} ({loaded.source}) after {args.after}")
+    _print_pass_table(pass_rows(trace))
+    _print_difference(compare_graphs(graph, after))
     return 0
 
 
-def _run_after(graph, pipeline_text):
+def _run_after(graph, pipeline_text: str, dump_dir: Path | None):
+    """Run the pipeline on ``graph`` with one seeded random batch; return the final graph and
+    the trace of the graph after each pass."""
+    from graphcomp.compiler import _prepare_dump_dir
     from graphcomp.data import random_feeds
+    from graphcomp.inspect import PipelineTrace
     from graphcomp.pipeline import PassManager, parse_pipeline
 
     passes = parse_pipeline(pipeline_text)
-    manager = PassManager(passes, feeds=random_feeds(graph, 0, 1).batches[0])
-    report = manager.run(graph)
-    return report.graph, report.to_dict()["records"]
+    if dump_dir is not None:
+        _prepare_dump_dir(dump_dir)
+    trace = PipelineTrace(graph)
+    manager = PassManager(passes, feeds=random_feeds(graph, 0, 1).batches[0], dump_dir=dump_dir,
+                          after_pass=trace.after_pass)
+    return manager.run(graph).graph, trace
 
 
 def _print_node_table(graph, title: str) -> None:
@@ -271,15 +297,40 @@ def _print_node_table(graph, title: str) -> None:
     console.print(table)
 
 
+_STATUS_STYLES = {"kept": "dim", "changed": "yellow", "added": "green", "removed": "red"}
+
+
+def _print_change_table(rows, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("node", "status", "op", "output", "params", "MACs", "pass", "what changed"):
+        table.add_column(column, justify="right" if column in ("params", "MACs") else "left")
+    for row in rows:
+        table.add_row(
+            row["node"], Text(row["status"], style=_STATUS_STYLES[row["status"]]), row["op"],
+            _before_after(row["output"]), _before_after(row["params"], "{:,}"),
+            _before_after(row["macs"], "{:,}"), ", ".join(row["passes"]),
+            "; ".join(row["changes"]),
+        )
+    console.print(table)
+
+
+def _before_after(pair, template: str = "{}") -> str:
+    old, new = (("-" if value is None else template.format(value)) for value in pair)
+    return old if old == new else f"{old} -> {new}"
+
+
 def _print_pass_table(records) -> None:
     table = Table(title="passes", title_justify="left")
-    for column in ("pass", "seconds", "nodes before", "nodes after", "changed", "max error"):
-        table.add_column(column)
+    for column in ("pass", "seconds", "nodes", "params", "MACs", "max error", "removed",
+                   "added", "changed"):
+        table.add_column(column, justify="left" if column == "pass" else "right")
     for record in records:
         error = record.get("max_abs_error")
-        table.add_row(record["name"], f"{record['seconds']:.3f}", str(record["nodes_before"]),
-                      str(record["nodes_after"]), str(record["changed"]),
-                      "-" if error is None else f"{error:.3g}")
+        table.add_row(record["name"], f"{record['seconds']:.3f}",
+                      f"{record['nodes_before']} -> {record['nodes_after']}",
+                      f"{record['params']:,}", f"{record['macs']:,}",
+                      "-" if error is None else f"{error:.3g}", str(len(record["removed"])),
+                      str(len(record["added"])), str(len(record["changed_nodes"])))
     console.print(table)
 
 
@@ -290,6 +341,16 @@ def _print_difference(difference) -> None:
         console.print(f"{key:>7}: {before:,} -> {after:,} ({change})")
     console.print(f"removed {len(difference['removed'])} node(s), "
                   f"added {len(difference['added'])}, changed {len(difference['changed'])}")
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _cmd_report(args) -> int:
+    from graphcomp.report import write_report
+
+    console.print(f"wrote {write_report(args.out_dir, args.output)}", highlight=False)
+    return 0
 
 
 # --- compile ----------------------------------------------------------------------------------
@@ -319,18 +380,24 @@ def _cmd_compile(args) -> int:
     with Progress(*columns, console=error_console, transient=True) as progress:
         task = progress.add_task("starting", total=None, detail="")
         tuning_task = progress.add_task("tuning", total=None, detail="", visible=False)
+        work_task = progress.add_task("", total=None, detail="", visible=False)
 
         def step(message: str) -> None:
             log.info("%s", message)
             progress.update(task, description=message)
             progress.update(tuning_task, visible=False)
+            progress.update(work_task, visible=False)
+
+        def show_work(label: str, done: int, total: int) -> None:
+            progress.update(work_task, visible=True, description=label, total=max(total, 1),
+                            completed=done, detail=f"batches {done}/{total}")
 
         def show_tuning(state) -> None:
             progress.update(tuning_task, visible=True, total=max(state.trials_planned, 1),
                             completed=state.trials_done, detail=_tuning_detail(state))
 
         report = compile_model(args.model, args.output, options, progress=step,
-                               tuning_progress=show_tuning)
+                               tuning_progress=show_tuning, work_progress=show_work)
     _print_summary(report)
     return 0
 
@@ -479,11 +546,13 @@ def _cmd_run(args) -> int:
                               "nothing, so run this artifact on an aarch64 machine to time it")
         contents = read_artifact(args.artifact)
         feeds = _read_inputs(args.input, [spec.name for spec in contents.inputs])
+        _check_index_inputs(args.artifact, args.input, feeds)
         outputs = run_artifact(args.artifact, feeds)
         model = None
     else:
         model = load_artifact(args.artifact)
         feeds = _read_inputs(args.input, [spec.name for spec in model.inputs])
+        _check_index_inputs(args.artifact, args.input, feeds)
         outputs = model.run(feeds)
     for name, array in outputs.items():
         console.print(f"{name}: {array.dtype}{list(array.shape)} min {array.min():.6g} "
@@ -504,6 +573,18 @@ def _cmd_run(args) -> int:
             raise OptionError(f"-o {args.output}: cannot write the file ({exc.strerror})") from None
         console.print(f"wrote {args.output}")
     return 0
+
+
+def _check_index_inputs(artifact: Path, specs: list[str], feeds: dict[str, np.ndarray]) -> None:
+    """Raise InputRangeError for token ids or other indices outside their table, which the
+    compiled library would clamp or wrap instead of failing as PyTorch does."""
+    from graphcomp.backends.tvm.artifact import manifest_index_ranges
+    from graphcomp.index_ranges import check_index_inputs
+
+    ranges = manifest_index_ranges(artifact)
+    for name, array in feeds.items():
+        spec = next((s for s in specs if s.partition("=")[0] == name), specs[0] if specs else "")
+        check_index_inputs(ranges, {name: array}, f"--input {spec}")
 
 
 def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarray]:
@@ -534,14 +615,27 @@ def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarr
 
 
 def _cmd_passes(args) -> int:
-    from graphcomp.pipeline import DEFAULT_PIPELINE, available_passes
+    from graphcomp.pipeline import DEFAULT_PIPELINE, available_passes, pass_package
 
-    table = Table(title="passes", title_justify="left")
-    for column in ("name", "lossless", "options", "summary"):
-        table.add_column(column)
+    rows = []
     for name, cls in sorted(available_passes().items()):
-        options = ", ".join(f"{key}:{kind.__name__}" for key, kind in cls.options.items())
-        table.add_row(name, "yes" if cls.lossless else "no", options, cls.summary)
+        contract = "; ".join(f"{word} {', '.join(getattr(cls, word))}"
+                             for word in ("requires", "establishes", "invalidates")
+                             if getattr(cls, word))
+        rows.append({"name": name, "package": pass_package(cls),
+                     "lossless": cls.lossless, "contract": contract,
+                     "options": ", ".join(f"{key}:{kind.__name__}"
+                                          for key, kind in cls.options.items()),
+                     "summary": cls.summary})
+    if args.json:
+        print(json.dumps({"passes": rows, "default_pipeline": DEFAULT_PIPELINE}, indent=2))
+        return 0
+    table = Table(title="passes", title_justify="left")
+    for column in ("name", "package", "lossless", "contract", "options", "summary"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["package"], "yes" if row["lossless"] else "no",
+                      row["contract"], row["options"], row["summary"])
     console.print(table)
     console.print(f"default pipeline: {DEFAULT_PIPELINE}")
     return 0

@@ -12,13 +12,16 @@
    backend right?). ``drift``: the final graph against the original model (what did the passes
    cost?).
 6. Time the original model and the artifact on the first batch.
-7. Write the artifact, the final graph and report.json into the staging folder, then rename it
-   to the output folder, so no partial output folder is ever left behind.
+7. Write the artifact, the final graph, report.json and report.html into the staging folder,
+   then rename it to the output folder, so no partial output folder is ever left behind.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,9 +33,10 @@ import numpy as np
 
 from graphcomp import __version__, executor
 from graphcomp.analysis import graph_stats
-from graphcomp.data import Dataset, load_dataset, random_feeds
+from graphcomp.data import Dataset, load_dataset, random_feeds, split_dataset
 from graphcomp.errors import GraphcompError, OptionError, VerificationError
 from graphcomp.ir import Graph
+from graphcomp.index_ranges import check_index_inputs, index_ranges
 from graphcomp.models_io import LoadedModel, load_model
 from graphcomp.serialize import current_umask, format_graph, save_graph, write_text_atomic
 
@@ -41,6 +45,11 @@ log = logging.getLogger(__name__)
 HOST_TARGETS = ("cpu",)
 CALIBRATION_BATCHES = 32  # most dataset batches given to passes that calibrate
 REPORT_NAME = "report.json"
+# Errors of the file system rather than of graphcomp: a full disk or quota, a read-only file
+# system, missing permissions, a file above the size limit.
+WRITE_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+})
 
 
 @dataclass
@@ -69,6 +78,8 @@ class CompileOptions:
 
 
 Progress = Callable[[str], None]
+# Receives a label, the units done and the units in total from long work inside a pass.
+WorkProgress = Callable[[str, int, int], None]
 # Receives a graphcomp.backends.tvm.TuningProgress after each tuning batch.
 TuningProgressCallback = Callable[[Any], None]
 
@@ -76,10 +87,14 @@ TuningProgressCallback = Callable[[Any], None]
 def compile_model(
     model: Any, out_dir: str | Path, options: CompileOptions | None = None,
     progress: Progress | None = None, tuning_progress: TuningProgressCallback | None = None,
+    work_progress: WorkProgress | None = None,
 ) -> dict[str, Any]:
     """Compile ``model`` (a spec or a LoadedModel) into ``out_dir``; return the report."""
     from graphcomp.backends import tvm as tvm_backend
+    from graphcomp.backends.tvm.artifact import record_index_ranges
+    from graphcomp.inspect import PipelineTrace, pass_rows, trace_report
     from graphcomp.pipeline import DEFAULT_PIPELINE, PassManager, parse_pipeline
+    from graphcomp.report import write_report
 
     options = options or CompileOptions()
     step = progress or (lambda message: log.info("%s", message))
@@ -98,14 +113,18 @@ def compile_model(
         )
         original = loaded.graph
         dataset = _pick_dataset(loaded, options)
+        ranges = index_ranges(original)
+        for batch in dataset.batches:
+            check_index_inputs(ranges, batch, dataset.source)
+        calibration, dataset, data_split = split_calibration(dataset, passes)
 
         step(f"running passes: {passes_text or 'none'}")
-        # NOTE: calibration (quantize, taylor pruning) uses the same batches that drift is
-        # measured on; give held-out data with --data for an unbiased accuracy figure.
+        trace = PipelineTrace(original)
         manager = PassManager(
             passes, verify=options.verify_passes, tolerance=options.tolerance,
-            feeds=dataset.batches[0], dump_dir=options.dump_dir,
-            calibration=dataset.batches[:CALIBRATION_BATCHES],
+            feeds=calibration.batches[0], dump_dir=options.dump_dir,
+            calibration=calibration.batches[:CALIBRATION_BATCHES], target=options.target,
+            work_progress=work_progress, after_pass=trace.after_pass,
         )
         pipeline_report = manager.run(original)
         final = pipeline_report.graph
@@ -113,6 +132,7 @@ def compile_model(
         if options.recover is not None:
             step(f"recovering accuracy by distillation on {options.recover}")
             final, recovery = _recover(original, final, options)
+            trace.add_step("recover", final)
 
         tuning = None
         if tuning_options is not None:
@@ -126,7 +146,11 @@ def compile_model(
         build_seconds = time.perf_counter() - start
 
         report = _base_report(loaded, options, passes_text, original, final, dataset)
-        report["passes_run"] = pipeline_report.to_dict()["records"]
+        report["data"].update(data_split)
+        # The records of PipelineReport.to_dict(), with the totals and the nodes each pass
+        # removed, added and changed; "nodes" has both graphs node by node for report.html.
+        report["passes_run"] = pass_rows(trace)
+        report["nodes"] = trace_report(trace)
         if recovery is not None:
             report["recovery"] = recovery
         report["build_seconds"] = round(build_seconds, 3)
@@ -143,14 +167,24 @@ def compile_model(
 
         step(f"writing {out_dir}")
         built.export(staging)
+        record_index_ranges(staging, index_ranges(final))
         if options.target not in HOST_TARGETS:
             _verify_emulated(report, final, staging, dataset, options)
         save_graph(final, staging / "graph.json")
         write_text_atomic(staging / "graph.txt", format_graph(final))
         report["artifact"] = str(out_dir)
         write_text_atomic(staging / REPORT_NAME, _to_json(report))
+        write_report(staging)
         publish_output(staging, out_dir)
         return report
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno in WRITE_ERRNOS:
+            raise GraphcompError(
+                f"{exc.filename or out_dir}: cannot write ({exc.strerror}); {out_dir} was left "
+                "as it was. Free some space or choose a writable -o path"
+            ) from exc
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -203,6 +237,37 @@ def _read_training_arrays(path: Path, graph: Graph) -> dict[str, np.ndarray]:
     if dataset.labels is not None:
         arrays["labels"] = dataset.labels
     return arrays
+
+
+def split_calibration(dataset: Dataset, passes) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """Return the calibration data, the verification data and their description for
+    report.json.
+
+    When a pass derives what it computes from data (quantize:int8 ranges, taylor pruning
+    scores), measuring drift and accuracy on the same batches would flatter the result. The
+    first half of the batches (at most ``CALIBRATION_BATCHES``) then calibrates, and the rest
+    is held out for verify and drift. A single batch cannot be split, so it serves both, and
+    the returned description carries a note about it.
+    """
+    users = [item.name for item in passes if item.uses_calibration()]
+    if dataset.random and users:
+        log.warning(
+            "%s calibrate(s) on seeded random inputs, which are not representative of real "
+            "inputs: ranges and scores fitted to them may not suit real data; give real samples "
+            "with --data", ", ".join(users),
+        )
+    if not users:
+        return dataset, dataset, {"calibration_batches": 0, "held_out": False}
+    count = len(dataset.batches)
+    if count < 2:
+        note = (f"only {count} batch: calibration and verification use the same data, so drift "
+                "and accuracy are optimistic; give at least 2 batches with --data")
+        log.warning("%s", note)
+        return dataset, dataset, {"calibration_batches": count, "held_out": False, "note": note}
+    calibration, verification = split_dataset(dataset, min(CALIBRATION_BATCHES, count // 2))
+    return calibration, verification, {
+        "calibration_batches": len(calibration.batches), "held_out": True,
+    }
 
 
 def _pick_dataset(loaded: LoadedModel, options: CompileOptions) -> Dataset:
@@ -305,6 +370,12 @@ def _drift(loaded: LoadedModel, final: Graph, dataset: Dataset) -> dict[str, Any
         first = outputs[final.outputs[0].name]
         predictions.append(first.reshape(first.shape[0], -1).argmax(axis=1))
         reference_predictions.append(reference[0].reshape(first.shape[0], -1).argmax(axis=1))
+    if drift.nan_on_both_sides:
+        log.warning(
+            "%d of %d output values are NaN in the original model and in the compiled graph; "
+            "the error figures cannot compare them, so they say nothing about those values",
+            drift.nan_on_both_sides, drift.count,
+        )
     result = drift.to_dict()
     if dataset.labels is not None:
         labels = dataset.labels
@@ -324,6 +395,7 @@ class ErrorStats:
         self.count = 0
         self.scale = 0.0
         self.min_cosine = 1.0
+        self.nan_on_both_sides = 0  # NaN elements compared as equal, which prove nothing
 
     def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
         expected = np.asarray(expected, np.float64)
@@ -336,6 +408,7 @@ class ErrorStats:
         # returns NaN (or loses the model's NaN) never passes; NaN on both sides agrees.
         expected_nan, actual_nan = np.isnan(expected), np.isnan(actual)
         both = expected_nan & actual_nan
+        self.nan_on_both_sides += int(both.sum())
         diff = np.abs(np.where(both, 0.0, expected - actual))
         diff[expected_nan ^ actual_nan] = np.inf
         self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
@@ -414,7 +487,10 @@ def reserve_output(out_dir: Path) -> Path:
     parent = out_dir.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+        remove_stale_staging(out_dir)
+        # The process id in the name lets a later run check whether this folder's run is gone.
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.",
+                                        suffix=".tmp", dir=parent))
         # mkdtemp makes the folder private; the artifact gets the usual permissions instead.
         staging.chmod(0o777 & ~current_umask())
         return staging
@@ -424,13 +500,52 @@ def reserve_output(out_dir: Path) -> Path:
         ) from None
 
 
+def remove_stale_staging(out_dir: Path) -> None:
+    """Clean up after compiles into ``out_dir`` that were killed (SIGKILL, power loss).
+
+    Their staging folders (``.NAME.PID.*.tmp``) are removed. A replaced output folder
+    (``.NAME.PID.old``) is left when a run died between the two renames of
+    ``publish_output``: it is complete, so it becomes ``out_dir`` again when that is missing,
+    and is removed otherwise. Folders of runs whose process is still alive are left alone.
+    """
+    parent = out_dir.absolute().parent
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)\.(?:.+\.tmp|old)")
+    for entry in sorted(parent.iterdir()):
+        found = pattern.fullmatch(entry.name)
+        if not found or not entry.is_dir() or _process_alive(int(found.group(1))):
+            continue
+        if entry.name.endswith(".old") and not out_dir.exists():
+            log.warning("restoring %s from %s, left by a compile that was killed", out_dir, entry)
+            entry.rename(out_dir)
+        else:
+            log.info("removing %s, left by a compile that was killed", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def publish_output(staging: Path, out_dir: Path) -> None:
     """Replace ``out_dir`` with the complete ``staging`` folder (old contents are removed)."""
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{time.time_ns()}")
+        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
         out_dir.rename(old)
-    staging.rename(out_dir)
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        if old is not None:
+            old.rename(out_dir)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

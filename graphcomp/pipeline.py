@@ -1,26 +1,31 @@
 """Passes, the pass registry, pipeline text and the pass manager.
 
 A pass is a ``Pass`` subclass registered with ``@register_pass``; the built-in passes live in
-``graphcomp.passes``, one per module. A pipeline is written as text, passes separated by commas
+``graphcomp.passes``, one per module, and other packages add passes through the entry-point
+group ``graphcomp.passes``. A pipeline is written as text, passes separated by commas
 (or new lines), each with options after colons::
 
     fold-constants,remove-identity,fold-bn,fuse,dce
     prune:ratio=0.5:global=true
     quantize:int8
 
-``PassManager`` runs the passes on a copy of a graph. After each pass it checks the graph's
-structure with the verifier and, given input feeds, compares the outputs of the reference
-executor before and after the pass.
+``PassManager`` runs the passes on a copy of a graph. Before the first pass it checks each
+pass's requirements (``graphcomp.contract``). After each pass it checks the graph's structure
+with the verifier, the pass's declared contract and, given input feeds, compares the outputs
+of the reference executor before and after the pass.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import logging
+import math
 import pkgutil
 import re
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -28,6 +33,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 
 from graphcomp import executor
+from graphcomp.contract import PROPERTIES, Fingerprint, broken_properties, state_of
 from graphcomp.errors import GraphcompError, OptionError, PassError, VerificationError
 from graphcomp.ir import Graph
 from graphcomp.serialize import format_graph, write_text_atomic
@@ -67,30 +73,44 @@ class PassResult:
 @dataclass
 class PassContext:
     """Inputs a pass may use besides the graph: input feeds (for calibration or checks), the
-    manager's error tolerance, a logger, and calibration batches (each a feeds dict; None
-    means calibrate on ``feeds``)."""
+    manager's error tolerance, a logger, calibration batches (each a feeds dict; None
+    means calibrate on ``feeds``), and the named build target (``cpu``, ``arm``, ``cuda``...)
+    that the graph will be compiled for, or None when none is known. A pass doing long work
+    (calibration) calls ``progress``, when set, with a label, the units done and the total."""
 
     feeds: dict[str, np.ndarray] | None = None
     tolerance: float = 1e-4
     log: logging.Logger = logger
     calibration: Sequence[Mapping[str, np.ndarray]] | None = None
+    target: str | None = None
+    progress: Callable[[str, int, int], None] | None = None
 
 
 class Pass:
     """Base class of passes. A subclass sets the class attributes and implements ``run``.
 
     ``options`` maps each accepted option to its type (int, float, bool or str) and
-    ``defaults`` gives the values of options that are not set. ``parse_word`` turns a bare word
-    of the pipeline text into options. After ``__init__``, ``self.config`` contains every
-    option's value.
+    ``defaults`` gives the values of options that are not set. ``ranges`` gives numeric options
+    an inclusive (minimum, maximum) range, None for an open end; ``__init__`` rejects values
+    outside it, and NaN for any float option. ``parse_word`` turns a bare word of the pipeline
+    text into options. After ``__init__``, ``self.config`` contains every option's value.
+
+    The contract, which the manager checks (``graphcomp.contract`` defines the properties):
+    ``requires`` names properties that must hold, or passes that must run, before this one;
+    ``establishes`` names properties that hold after it; ``invalidates`` names properties it
+    may break, and it preserves all others. ``run`` returns a PassResult, or a bool, telling
+    whether it changed the graph.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
+    establishes: ClassVar[tuple[str, ...]] = ()
+    invalidates: ClassVar[tuple[str, ...]] = ()
     lossless: ClassVar[bool] = True
     options: ClassVar[dict[str, type]] = {}
     defaults: ClassVar[dict[str, Any]] = {}
+    ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
 
     def __init__(self, **options: Any):
         config = dict(self.defaults)
@@ -100,6 +120,7 @@ class Pass:
                     f"pass '{self.name}' has no option '{key}'; {self.describe_options()}"
                 )
             config[key] = coerce_option(self.name, key, self.options[key], value)
+            check_option_range(self.name, key, config[key], self.ranges.get(key))
         self.config = config
 
     @classmethod
@@ -118,6 +139,12 @@ class Pass:
             return "it takes no options"
         accepted = ", ".join(f"{key} ({kind.__name__})" for key, kind in cls.options.items())
         return f"accepted options: {accepted}"
+
+    def uses_calibration(self) -> bool:
+        """Return whether this pass, as configured, derives what it computes from input data
+        (``PassContext.calibration`` or ``feeds``). The compiler verifies such a pipeline on
+        batches held out from that data."""
+        return False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass '{self.name}' does not implement run()")
@@ -161,10 +188,34 @@ def coerce_option(pass_name: str, key: str, kind: type, value: Any) -> Any:
     return value
 
 
+def check_option_range(
+    pass_name: str, key: str, value: Any, bounds: tuple[float | None, float | None] | None
+) -> None:
+    """Raise OptionError for a NaN float or a value outside the inclusive ``bounds``."""
+    if isinstance(value, float) and math.isnan(value):
+        raise OptionError(f"pass '{pass_name}': option '{key}' must be a number, got nan")
+    if bounds is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high = bounds
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            expected = f"at least {low}"
+        elif low is None:
+            expected = f"at most {high}"
+        else:
+            expected = f"in [{low}, {high}]"
+        raise OptionError(f"pass '{pass_name}': option '{key}' must be {expected}, got {value}")
+
+
 # --- registry -----------------------------------------------------------------------------------
+
+ENTRY_POINT_GROUP = "graphcomp.passes"
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _BUILTINS_LOADED = False
+_PLUGINS_LOADED = False
+# Pass name -> distribution whose entry point provided it.
+_PACKAGES: dict[str, str] = {}
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -175,17 +226,39 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     for key, kind in cls.options.items():
         if kind not in OPTION_TYPES:
             raise TypeError(f"pass '{cls.name}': option '{key}' has unsupported type {kind}")
+    for key in cls.ranges:
+        if cls.options.get(key) not in (int, float):
+            raise TypeError(f"pass '{cls.name}': range for '{key}', which is not an int or "
+                            "float option")
     unknown_defaults = set(cls.defaults) - set(cls.options)
     if unknown_defaults:
         raise TypeError(f"pass '{cls.name}': defaults for undeclared options {unknown_defaults}")
+    _check_declared_properties(cls)
     existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
+    if existing is not None and (existing.__module__, existing.__qualname__) != (
+            cls.__module__, cls.__qualname__):
         raise ValueError(
             f"pass name '{cls.name}' is already taken by {existing.__module__}."
             f"{existing.__qualname__}"
         )
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def _check_declared_properties(cls: type[Pass]) -> None:
+    if cls.name in PROPERTIES:
+        raise TypeError(f"pass name '{cls.name}' is the name of a graph property; choose another")
+    for attribute in ("requires", "establishes", "invalidates"):
+        names = getattr(cls, attribute)
+        if isinstance(names, str) or not isinstance(names, (tuple, list, frozenset, set)):
+            raise TypeError(f"pass '{cls.name}': '{attribute}' must be a tuple of names, got "
+                            f"{names!r}")
+        if attribute == "requires":
+            continue  # names that are not properties are pass names, checked in pipelines
+        unknown = [name for name in names if name not in PROPERTIES]
+        if unknown:
+            raise TypeError(f"pass '{cls.name}': {attribute} unknown properties {unknown}; "
+                            f"known properties: {', '.join(PROPERTIES)}")
 
 
 def _load_builtin_passes() -> None:
@@ -198,10 +271,57 @@ def _load_builtin_passes() -> None:
     _BUILTINS_LOADED = True
 
 
+def _load_plugin_passes() -> None:
+    """Register the passes of other packages, found through the entry-point group
+    ``graphcomp.passes``. Each entry point names a Pass subclass (``package.module:Class``) or
+    a module whose ``@register_pass`` classes register on import."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _load_entry_point(entry_point)
+
+
+def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> None:
+    dist = getattr(entry_point, "dist", None)
+    package = dist.name if dist is not None else entry_point.value.split(":")[0].split(".")[0]
+    where = f"'{entry_point.name} = {entry_point.value}' of package '{package}'"
+    registered_before = dict(_REGISTRY)
+    try:
+        loaded = entry_point.load()
+        if isinstance(loaded, type) and issubclass(loaded, Pass):
+            classes = [register_pass(loaded)]
+        elif isinstance(loaded, types.ModuleType):
+            classes = [value for value in vars(loaded).values()
+                       if isinstance(value, type) and issubclass(value, Pass)
+                       and _REGISTRY.get(getattr(value, "name", None)) is value]
+        else:
+            classes = []
+        if not classes:
+            raise TypeError(f"it loads {loaded!r}, which is neither a Pass subclass nor a "
+                            "module that registers one")
+    # A broken plugin must not stop graphcomp: any error while importing it is reported.
+    except Exception as exc:
+        logger.warning("skipped the pass plugin %s (%s: %s)", where, type(exc).__name__, exc)
+        return
+    for cls in classes:
+        if registered_before.get(cls.name) is not cls:
+            _PACKAGES[cls.name] = package
+
+
 def available_passes() -> dict[str, type[Pass]]:
-    """Return every registered pass by name, the built-in ones included."""
+    """Return every registered pass by name: built-in passes, passes of other packages
+    (entry-point group ``graphcomp.passes``) and passes registered in this process."""
     _load_builtin_passes()
+    _load_plugin_passes()
     return dict(sorted(_REGISTRY.items()))
+
+
+def pass_package(cls: type[Pass]) -> str:
+    """Return the package that provides the pass: the distribution of its entry point, else
+    the top-level package of its module (``graphcomp`` for the built-in passes)."""
+    return _PACKAGES.get(cls.name) or cls.__module__.split(".")[0]
 
 
 def get_pass(name: str) -> type[Pass]:
@@ -248,11 +368,36 @@ def parse_pipeline(text: str) -> list[Pass]:
     return passes
 
 
-def check_requirements(passes: Sequence[Pass]) -> None:
-    """Raise OptionError when a pass's ``requires`` do not run before it."""
+def check_requirements(passes: Sequence[Pass], graph: Graph | None = None) -> None:
+    """Raise OptionError when a pass's ``requires`` are not met before it.
+
+    A required pass must run earlier. A required property must not be invalidated by an
+    earlier pass unless a pass between establishes it again; given the input ``graph``, it
+    must also hold there unless an earlier pass establishes it.
+    """
+    # Per property: None while it may hold, else why it does not.
+    missing_because: dict[str, str | None] = dict.fromkeys(PROPERTIES)
+    if graph is not None:
+        for name, violation in state_of(graph).items():
+            if PROPERTIES[name].violation is not None and violation is not None:
+                missing_because[name] = f"the input graph '{graph.name}' lacks it ({violation})"
     for position, current in enumerate(passes):
+        for name in current.requires:
+            if name in PROPERTIES and missing_because[name] is not None:
+                raise OptionError(
+                    f"pass '{current.name}' requires property '{name}' "
+                    f"({PROPERTIES[name].description}), but {missing_because[name]}"
+                )
+        for name in current.invalidates:
+            missing_because[name] = (
+                f"pass '{current.name}' before it invalidates it and no pass between "
+                f"establishes it again; run '{current.name}' later in the pipeline"
+            )
+        for name in current.establishes:
+            missing_because[name] = None
         earlier = {p.name for p in passes[:position]}
-        missing = [name for name in current.requires if name not in earlier]
+        missing = [name for name in current.requires
+                   if name not in PROPERTIES and name not in earlier]
         if missing:
             order = ",".join([*missing, current.name])
             raise OptionError(
@@ -308,7 +453,11 @@ class PassManager:
     ``tolerance`` fails). ``dump_dir`` receives the text form of the graph before the first
     pass (``00-input.txt``) and after each one (``01-fold-bn.txt``...). ``progress`` is called
     as each pass starts, with its name, its 0-based position and the number of passes.
-    ``calibration`` (a list of feeds dicts) reaches passes as ``PassContext.calibration``.
+    ``calibration`` (a list of feeds dicts) reaches passes as ``PassContext.calibration``,
+    and ``target`` (a named build target) as ``PassContext.target``. ``work_progress`` reaches
+    passes as ``PassContext.progress``.
+    ``after_pass`` is called after each pass has been checked, with its record and the graph
+    (which later passes go on changing: copy what must outlive the call).
     """
 
     def __init__(
@@ -322,6 +471,10 @@ class PassManager:
         check_structure: bool = True,
         progress: ProgressFn | None = None,
         calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+        work_progress: Callable[[str, int, int], None] | None = None,
+        target: str | None = None,
+        after_pass: Callable[[PassRecord, Graph], None] | None = None,
+        check_contract: bool = True,
     ):
         self.passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
         check_requirements(self.passes)
@@ -334,6 +487,10 @@ class PassManager:
         self.check_structure = check_structure
         self.progress = progress
         self.calibration = list(calibration) if calibration is not None else None
+        self.work_progress = work_progress
+        self.target = target
+        self.after_pass = after_pass
+        self.check_contract = check_contract
 
     def run(self, graph: Graph) -> PipelineReport:
         """Run every pass on a copy of ``graph``; ``report.graph`` is the result."""
@@ -343,11 +500,14 @@ class PassManager:
                 verify_graph(graph)
             except VerificationError as exc:
                 raise VerificationError(f"input graph '{graph.name}' is malformed: {exc}") from exc
+        if self.check_contract:
+            check_requirements(self.passes, graph)
         check_numbers = self.verify and self.feeds is not None
         if check_numbers:
             executor.check_feeds(graph, self.feeds)
         ctx = PassContext(feeds=self.feeds, tolerance=self.tolerance, log=logger,
-                          calibration=self.calibration)
+                          calibration=self.calibration, target=self.target,
+                          progress=self.work_progress)
         reference = self._outputs(graph) if check_numbers else None
         self._dump(graph, 0, "input")
 
@@ -358,21 +518,29 @@ class PassManager:
             already_run = [p.name for p in self.passes[:position]]
             record, reference = self._run_one(graph, position, ctx, already_run, reference)
             records.append(record)
+            if self.after_pass is not None:
+                self.after_pass(record, graph)
         return PipelineReport(graph, records)
 
     def _run_one(self, graph, position: int, ctx, already_run, reference):
         current = self.passes[position]
         nodes_before = len(graph)
         logger.info("running pass %s", current.name)
+        if self.check_contract:
+            fingerprint, state = Fingerprint(graph), state_of(graph)
         start = time.perf_counter()
         try:
             result = current.run(graph, ctx)
         except Exception as exc:
             raise _wrap(current, already_run, exc) from exc
         seconds = time.perf_counter() - start
-        if not isinstance(result, PassResult):
+        if isinstance(result, (bool, np.bool_)):
+            result = PassResult(changed=bool(result))
+        if not isinstance(result, PassResult) or not isinstance(result.changed, (bool, np.bool_)):
+            returned = type(result.changed if isinstance(result, PassResult) else result).__name__
             raise PassError(current.name, already_run, None,
-                            f"run() returned {type(result).__name__}, expected a PassResult")
+                            f"run() returned {returned}, expected a PassResult or a bool that "
+                            "tells whether the graph changed")
         # Written before the checks, so that a failing pass leaves its result for inspection.
         self._dump(graph, position + 1, current.name)
 
@@ -382,6 +550,8 @@ class PassManager:
             except GraphcompError as exc:
                 raise PassError(current.name, already_run, None,
                                 f"left a malformed graph: {exc}") from exc
+        if self.check_contract:
+            _check_declarations(current, already_run, result, fingerprint, state, graph)
         error = None
         if reference is not None:
             error, reference = self._compare(graph, current, already_run, reference)
@@ -389,7 +559,7 @@ class PassManager:
         logger.info("pass %s: %.3f s, %d -> %d nodes, %s", current.name, seconds,
                     nodes_before, len(graph), result.details)
         record = PassRecord(current.name, dict(current.config), seconds, nodes_before,
-                            len(graph), result.changed, dict(result.details), error)
+                            len(graph), bool(result.changed), dict(result.details), error)
         return record, reference
 
     def _compare(self, graph, current: Pass, already_run, reference):
@@ -416,6 +586,19 @@ class PassManager:
     def _dump(self, graph: Graph, number: int, label: str) -> None:
         if self.dump_dir is not None:
             write_text_atomic(self.dump_dir / f"{number:02d}-{label}.txt", format_graph(graph))
+
+
+def _check_declarations(current: Pass, already_run: list[str], result: PassResult,
+                        fingerprint: Fingerprint, state: dict[str, Any], graph: Graph) -> None:
+    """Raise PassError when the pass broke its declared contract on ``graph``."""
+    if not result.changed and Fingerprint(graph) != fingerprint:
+        raise PassError(current.name, already_run, None,
+                        "returned changed=False but changed the graph; return "
+                        "PassResult(changed=True) whenever the graph may have changed")
+    problems = broken_properties(state, state_of(graph), tuple(current.establishes),
+                                 tuple(current.invalidates))
+    if problems:
+        raise PassError(current.name, already_run, None, "; ".join(problems))
 
 
 def _wrap(current: Pass, already_run: list[str], exc: Exception) -> PassError:

@@ -29,6 +29,7 @@ class EliminateDeadCode(Pass):
 
     name = "dce"
     summary = "remove nodes whose outputs are never read"
+    establishes = ("no-dead-code",)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         live = {id(value) for value in graph.outputs}

@@ -94,7 +94,82 @@ class NeedsFoldBn(Pass):
         return PassResult(changed=False)
 
 
-TEST_PASSES = (CorruptWeight, ScaleOutput, RaiseAtNode, DropProducer, NeedsFoldBn)
+class FlattenOutput(Pass):
+    """Reshapes the graph output to 1-D, without declaring that it invalidates 'interface'."""
+
+    name = "test-flatten-output"
+    summary = "test only: change the output shape"
+
+    def run(self, graph, ctx):
+        old = graph.outputs[0]
+        new = Value(old.name, (old.size,), old.dtype)
+        old.name = f"{old.name}_before_flatten"
+        graph.nodes.append(Node("flatten_output", "reshape", [old], [new],
+                                {"shape": [old.size]}))
+        graph.outputs[0] = new
+        return PassResult(changed=True)
+
+
+class SilentRemoveIdentity(Pass):
+    """Removes the identity node but reports changed=False."""
+
+    name = "test-silent-change"
+    summary = "test only: change the graph, report no change"
+
+    def run(self, graph, ctx):
+        node = next(n for n in graph.nodes if n.op == "identity")
+        graph.replace_uses(node.output, node.inputs[0])
+        graph.remove_nodes([node])
+        return PassResult(changed=False)
+
+
+class ReturnsBool(Pass):
+    """Returns a plain bool from run()."""
+
+    name = "test-returns-bool"
+    summary = "test only: return False"
+
+    def run(self, graph, ctx):
+        return False
+
+
+class AddDeadNode(Pass):
+    """Adds a node nobody reads, without declaring that it invalidates 'no-dead-code'."""
+
+    name = "test-add-dead-node"
+    summary = "test only: leave dead code"
+
+    def run(self, graph, ctx):
+        x = graph.inputs[0]
+        graph.nodes.insert(0, Node("dead", "relu", [x], [Value("dead_out", x.shape)]))
+        return PassResult(changed=True)
+
+
+class ClaimsNoDeadCode(Pass):
+    """Declares that it establishes 'no-dead-code' but does nothing."""
+
+    name = "test-claims-no-dead-code"
+    summary = "test only: a false 'establishes'"
+    establishes = ("no-dead-code",)
+
+    def run(self, graph, ctx):
+        return PassResult(changed=False)
+
+
+class NeedsFloat(Pass):
+    """Does nothing, but requires the property 'float'."""
+
+    name = "test-needs-float"
+    summary = "test only: requires float"
+    requires = ("float",)
+
+    def run(self, graph, ctx):
+        return PassResult(changed=False)
+
+
+TEST_PASSES = (CorruptWeight, ScaleOutput, RaiseAtNode, DropProducer, NeedsFoldBn,
+               FlattenOutput, SilentRemoveIdentity, ReturnsBool, AddDeadNode, ClaimsNoDeadCode,
+               NeedsFloat)
 
 
 @pytest.fixture(autouse=True)
@@ -343,3 +418,112 @@ def test_output_error_is_relative_to_output_scale():
     assert output_error(before, [before[0], np.array([0.0, 0.5])]) == pytest.approx(0.5)
     assert output_error(before, [before[0], np.array([0.0, np.nan])]) == float("inf")
     assert output_error(before, [before[0]]) == float("inf")
+
+
+# --- pass contracts -----------------------------------------------------------------------------
+
+
+def test_contract_requires_property_invalidated_earlier():
+    with pytest.raises(OptionError, match=r"pass 'prune' requires property 'float' \(no "
+                                          r"quantized op .*\), but pass 'quantize' before it "
+                                          r"invalidates it and no pass between establishes it "
+                                          r"again; run 'quantize' later in the pipeline"):
+        PassManager("fold-bn,quantize:dynamic,dce,prune:ratio=0.5")
+
+
+def test_contract_requires_property_of_input_graph():
+    # x -> quantize -> dequantize -> y: the input graph is not float.
+    x = Value("x", (2, 3))
+    scale = Constant("scale", np.array(0.1, np.float32))
+    zero = Constant("zero", np.array(0, np.int8))
+    q = Value("q", (2, 3), "int8")
+    y = Value("y", (2, 3))
+    graph = Graph("quantized", [x], [y], [
+        Node("quant", "quantize", [x, scale, zero], [q]),
+        Node("dequant", "dequantize", [q, scale, zero], [y]),
+    ])
+    with pytest.raises(OptionError, match=r"pass 'test-needs-float' requires property 'float' "
+                                          r".* but the input graph 'quantized' lacks it "
+                                          r"\(node 'quant' is a quantize\)"):
+        PassManager("dce,test-needs-float").run(graph)
+
+
+def test_contract_accepts_valid_property_order(graph):
+    report = PassManager("test-needs-float,fold-bn,dce", verify=False).run(graph)
+    assert [r.name for r in report.records] == ["test-needs-float", "fold-bn", "dce"]
+
+
+def test_contract_catches_changed_output_shape(graph):
+    with pytest.raises(PassError, match=r"pass 'test-flatten-output' failed: it changed property "
+                                        r"'interface' .* output 'relu_out' float32\[1,4,6,6\] "
+                                        r"became output 'relu_out' float32\[144\]"):
+        PassManager("test-flatten-output", verify=False).run(graph)
+
+
+def test_contract_catches_unreported_change(graph):
+    with pytest.raises(PassError, match=r"pass 'test-silent-change' failed: returned "
+                                        r"changed=False but changed the graph"):
+        PassManager("test-silent-change", verify=False).run(graph)
+
+
+def test_contract_off_skips_checks(graph):
+    report = PassManager("test-silent-change", verify=False, check_contract=False).run(graph)
+    assert [n.op for n in report.graph.nodes] == ["conv2d", "batch_norm", "relu"]
+
+
+def test_contract_accepts_bool_result(graph):
+    (record,) = PassManager("test-returns-bool", verify=False).run(graph).records
+    assert record.changed is False
+
+
+def test_contract_catches_broken_preserved_property(graph):
+    with pytest.raises(PassError, match=r"pass 'test-add-dead-node' failed: property "
+                                        r"'no-dead-code' .* held before it and not after, and it "
+                                        r"does not declare that it invalidates it: nothing reads "
+                                        r"the outputs of node 'dead' \(relu\) \(passes already "
+                                        r"run: dce\)"):
+        PassManager("dce,test-add-dead-node", verify=False).run(graph)
+
+
+def test_contract_catches_false_establishes(graph):
+    graph.nodes.insert(0, Node("dead", "relu", [graph.inputs[0]],
+                               [Value("dead_out", graph.inputs[0].shape)]))
+    with pytest.raises(PassError, match=r"it declares that it establishes 'no-dead-code', but "
+                                        r"nothing reads the outputs of node 'dead'"):
+        PassManager("test-claims-no-dead-code", verify=False).run(graph)
+    report = PassManager("dce,test-claims-no-dead-code", verify=False).run(graph)
+    assert "dead" not in [n.name for n in report.graph.nodes]
+
+
+def test_register_pass_checks_contract_names():
+    class UnknownProperty(Pass):
+        name = "test-unknown-property"
+        summary = "test only"
+        invalidates = ("shapes-ish",)
+
+    class NamedLikeProperty(Pass):
+        name = "float"
+        summary = "test only"
+
+    class RequiresString(Pass):
+        name = "test-requires-string"
+        summary = "test only"
+        requires = "float"
+
+    with pytest.raises(TypeError, match=r"invalidates unknown properties \['shapes-ish'\]; "
+                                        r"known properties: interface, float, no-dead-code"):
+        register_pass(UnknownProperty)
+    with pytest.raises(TypeError, match="pass name 'float' is the name of a graph property"):
+        register_pass(NamedLikeProperty)
+    with pytest.raises(TypeError, match="'requires' must be a tuple of names, got 'float'"):
+        register_pass(RequiresString)
+
+
+def test_builtin_contracts_are_declared():
+    passes = available_passes()
+    assert passes["quantize"].invalidates == ("float",)
+    assert passes["dce"].establishes == ("no-dead-code",)
+    for name in ("prune", "lowrank"):
+        assert "float" in passes[name].requires
+    for name in ("fold-constants", "remove-identity", "fold-bn", "fuse", "dce"):
+        assert passes[name].invalidates == ()
