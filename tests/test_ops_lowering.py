@@ -159,6 +159,13 @@ def conv_cases() -> list[Case]:
         Case("conv_transpose2d", "fused_relu",
              [feed(randn(1, 4, 5, 6)), randn(4, 2, 2, 2, scale=0.3), randn(2)],
              {"strides": [2, 2], "activation": "relu"}),
+        # Stride equal to the kernel: lowered as a matmul and a rearrangement.
+        Case("conv_transpose2d", "stride_equals_kernel",
+             [feed(randn(2, 5, 3, 4)), randn(5, 3, 2, 3, scale=0.3), randn(3)],
+             {"strides": [2, 3], "activation": "sigmoid"}),
+        Case("conv_transpose2d", "stride_equals_kernel_one_channel",
+             [feed(randn(1, 4, 6, 5)), randn(4, 1, 2, 2, scale=0.3)],
+             {"strides": [2, 2]}),
     ]
     return cases
 

@@ -38,7 +38,11 @@ from graphcomp.backends.tvm import (  # noqa: E402
     resolve_target,
     tune,
 )
-from graphcomp.backends.tvm.tuning import extract_tasks  # noqa: E402
+from graphcomp.backends.tvm.tuning import (  # noqa: E402
+    MAX_BUDGET_FACTOR,
+    extract_tasks,
+    trial_budgets,
+)
 from graphcomp.backends.tvm.tuning_db import (  # noqa: E402
     TargetDatabase,
     TuningDatabase,
@@ -154,7 +158,8 @@ def test_other_model_reuses_shared_workload(tuned, tmp_path):
     shutil.copytree(folder, copy)
     graph = two_matmuls()
     assert len(extract_tasks(graph, resolve_target("cpu"))) == 2
-    result = tune(graph, "cpu", TuningOptions(trials=4, database=copy))
+    # Even allocation: under "flops" the lighter second matmul would get fewer trials.
+    result = tune(graph, "cpu", TuningOptions(trials=4, database=copy, allocation="even"))
     assert result.reused_tasks == 1
     assert result.tuned_tasks == 1
     assert result.trials == 4
@@ -337,6 +342,30 @@ def test_default_folder_honours_xdg_cache_home(monkeypatch, tmp_path):
 def test_rpc_options_rejected(tracker, key, message):
     with pytest.raises(OptionError, match=message):
         RpcOptions.parse(tracker, key)
+
+
+def test_flops_allocation_gives_heavy_tasks_more_trials():
+    # Four tasks: one with 13/16 of the FLOPs, so 3.25x the average share -> 4x (a power of
+    # two); the lightest is 1/16 of the average -> floored at trials / 2.
+    budgets = trial_budgets([13.0, 2.0, 0.75, 0.25], trials=8)
+    assert budgets == [32, 4, 4, 4]
+
+
+def test_flops_allocation_caps_budgets_and_keeps_single_task_budget():
+    assert trial_budgets([1.0], trials=8) == [8]
+    assert trial_budgets([5.0, 5.0], trials=8) == [8, 8]
+    many = [1000.0] + [0.001] * 99
+    assert trial_budgets(many, trials=8)[0] == 8 * MAX_BUDGET_FACTOR
+    # Too few trials to halve: the floor is min(trials, 2).
+    assert trial_budgets([9.0, 1.0], trials=2) == [4, 2]
+    assert trial_budgets([9.0, 1.0], trials=1) == [2, 1]
+
+
+def test_even_allocation_and_uncountable_flops_give_trials_each():
+    assert trial_budgets([13.0, 2.0, 1.0], trials=8, allocation="even") == [8, 8, 8]
+    assert trial_budgets([0.0, 0.0], trials=8) == [8, 8]
+    with pytest.raises(OptionError, match="trial allocation must be one of flops, even"):
+        TuningOptions(allocation="greedy").check()
 
 
 def test_negative_trials_rejected():

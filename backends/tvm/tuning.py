@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -47,6 +48,10 @@ logger = logging.getLogger(__name__)
 SEARCH_LOGGER = "tvm.s_tir.meta_schedule.graphcomp"
 # Records of a task that seed its evolutionary search when tuning resumes.
 SEED_RECORDS = 64
+ALLOCATIONS = ("flops", "even")
+# With "flops" allocation a task's budget is ``trials`` times a power of two between
+# 1/2 and this factor.
+MAX_BUDGET_FACTOR = 16
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,10 @@ class RpcOptions:
 class TuningOptions:
     """How much to tune and where to keep and measure the results."""
 
-    trials: int = 8  # per task; tasks whose records reach this count are not tuned again
+    trials: int = 8  # per task on average; tasks whose records reach their budget are reused
+    # "flops" gives each task a budget that grows with its share of the model's FLOPs (see
+    # trial_budgets); "even" gives every task ``trials``.
+    allocation: str = "flops"
     database: Path | None = None  # tuning database folder; None is tuning_db.default_folder()
     rpc: RpcOptions | None = None  # None measures on this machine
     trials_per_batch: int = 16  # candidates built and measured together
@@ -90,6 +98,9 @@ class TuningOptions:
     def check(self) -> None:
         if self.trials < 0:
             raise OptionError(f"--trials must be 0 or more, got {self.trials}")
+        if self.allocation not in ALLOCATIONS:
+            raise OptionError(f"trial allocation must be one of {', '.join(ALLOCATIONS)}, "
+                              f"got {self.allocation!r}")
         if self.trials_per_batch < 1 or self.population < 2 or self.generations < 0:
             raise OptionError("trials_per_batch, population and generations must be positive")
 
@@ -125,6 +136,8 @@ class TuningResult:
     seconds: float
     estimated_ms: float | None
     untuned: list[str] = field(default_factory=list)  # tasks without any working schedule
+    allocation: str = "even"
+    budgets: dict[str, int] = field(default_factory=dict)  # task name -> trials in all
 
     @property
     def trials_per_minute(self) -> float:
@@ -134,6 +147,9 @@ class TuningResult:
         return {
             "trials": self.trials,
             "trials_per_task": self.trials_per_task,
+            "trial_allocation": self.allocation,
+            "largest_task_budgets": dict(
+                sorted(self.budgets.items(), key=lambda item: -item[1])[:5]),
             "tasks": self.tasks,
             "reused_tasks": self.reused_tasks,
             "tuned_tasks": self.tuned_tasks,
@@ -229,6 +245,7 @@ class _TaskPlan:
     task: Any  # MetaSchedule ExtractedTask
     entry: WorkloadEntry | None
     remaining: int  # trials still to measure
+    budget: int  # trials this task gets in all
     best_seconds: float = float("inf")
     measured: int = 0  # in this run
     finished: bool = False
@@ -242,12 +259,45 @@ class _TaskPlan:
         return self.task.dispatched[0]
 
 
-def _plan(tasks: list, database: TargetDatabase, trials: int) -> list[_TaskPlan]:
+def trial_budgets(flops: list[float], trials: int, allocation: str = "flops") -> list[int]:
+    """Return each task's trial budget from its FLOPs (calls included) and ``trials``.
+
+    "even" gives every task ``trials``. "flops" spends the search where the time is: a task
+    with the average share of FLOPs gets ``trials``, and a task with k times that share gets
+    about k times as many, rounded to a power of two and kept between ``trials / 2`` and
+    ``MAX_BUDGET_FACTOR * trials``. Few distinct budgets keep MetaSchedule's runs few (it takes
+    one budget per run). A model of one task, or of tasks of equal FLOPs, gets ``trials`` each.
+    """
+    total = float(sum(flops))
+    if allocation == "even" or trials == 0 or total <= 0:
+        return [trials] * len(flops)
+    lowest = max(min(trials, 2), trials // 2)
+    budgets = []
+    for task_flops in flops:
+        relative = task_flops * len(flops) / total  # 1.0 for the average task
+        factor = 2.0 ** round(math.log2(relative)) if relative > 0 else 0.0
+        budgets.append(int(min(max(trials * factor, lowest), trials * MAX_BUDGET_FACTOR)))
+    return budgets
+
+
+def _task_flops(task) -> float:
+    """FLOPs of one call of ``task`` times its calls; 0 when TVM cannot count them."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(task.dispatched[0])) * float(task.weight)
+    except Exception:  # noqa: BLE001  (TVM raises several types for loops it cannot count)
+        return 0.0
+
+
+def _plan(tasks: list, database: TargetDatabase, trials: int,
+          allocation: str = "even") -> list[_TaskPlan]:
+    budgets = trial_budgets([_task_flops(task) for task in tasks], trials, allocation)
     plans = []
-    for task in tasks:
+    for task, budget in zip(tasks, budgets):
         entry = database.match(task.dispatched[0])
         completed = entry.completed_trials if entry is not None else 0
-        plan = _TaskPlan(task, entry, max(trials - completed, 0))
+        plan = _TaskPlan(task, entry, max(budget - completed, 0), budget)
         plan.finished = plan.remaining == 0
         if entry is not None:
             plan.best_seconds = entry.best_seconds()
@@ -310,7 +360,8 @@ def tune(
     tvm_target = resolve_target(target)
     started = time.perf_counter()
     database = TuningDatabase(options.database).for_target(tvm_target)
-    plans = _plan(extract_tasks(graph, tvm_target), database, options.trials)
+    plans = _plan(extract_tasks(graph, tvm_target), database, options.trials,
+                  options.allocation)
     tracker = _Progress(plans, progress)
     pending = [p for p in plans if p.remaining > 0]
     logger.info(
@@ -335,6 +386,8 @@ def tune(
         seconds=seconds,
         estimated_ms=tracker.estimated_ms(),
         untuned=[p.name for p in plans if p.best_seconds == float("inf")],
+        allocation=options.allocation,
+        budgets={p.name: p.budget for p in plans},
     )
 
 
@@ -415,8 +468,8 @@ def _tune_group(group, remaining, target, database, options, tracker, builder, r
     for plan in group:
         plan.finished = True
         # The scheduler ended this task early: its search space ran out of new candidates.
-        if plan.entry.completed_trials < options.trials:
-            database.mark_done(plan.entry, options.trials)
+        if plan.entry.completed_trials < plan.budget:
+            database.mark_done(plan.entry, plan.budget)
 
 
 @contextlib.contextmanager

@@ -142,13 +142,43 @@ def _conv_transpose2d_torch(node, x, w, b=None):
     return torch_activation(y, node.attrs.get("activation"))
 
 
+def _is_pixel_shuffle_transpose(node) -> bool:
+    """True when each input pixel writes its own kH x kW output tile: stride equal to the
+    kernel, no padding, dilation or output padding, one group."""
+    strides, pads, dilations, groups, output_padding = _conv_transpose_attrs(node)
+    kernel = tuple(node.inputs[1].shape[2:])
+    return (strides == kernel and not any(pads) and dilations == (1, 1) and groups == 1
+            and output_padding == (0, 0))
+
+
+def _pixel_shuffle_transpose_relax(node, x, w):
+    """Lower a non-overlapping transposed conv as one matmul and a rearrangement.
+
+    TVM's conv2d_transpose convolves a zero-dilated input, which for stride 2 multiplies by
+    zero three times out of four. Here each pixel's C input channels are multiplied by the
+    weight as a [C, O*kH*kW] matrix, and the O x kH x kW results are moved to their tile.
+    """
+    relax = relax_module()
+    n, c, h, width = node.inputs[0].shape
+    _, out_c, kh, kw = node.inputs[1].shape
+    pixels = relax.op.reshape(relax.op.permute_dims(x, [0, 2, 3, 1]), (n * h * width, c))
+    tiles = relax.op.matmul(pixels, relax.op.reshape(w, (c, out_c * kh * kw)),
+                            out_dtype=node.outputs[0].dtype)
+    tiles = relax.op.reshape(tiles, (n, h, width, out_c, kh, kw))
+    tiles = relax.op.permute_dims(tiles, [0, 3, 1, 4, 2, 5])
+    return relax.op.reshape(tiles, (n, out_c, h * kh, width * kw))
+
+
 def _conv_transpose2d_relax(node, x, w, b=None):
     relax = relax_module()
     strides, pads, dilations, groups, output_padding = _conv_transpose_attrs(node)
-    y = relax.op.nn.conv2d_transpose(
-        x, w, strides=strides, padding=pads, output_padding=output_padding,
-        dilation=dilations, groups=groups, out_dtype=node.outputs[0].dtype,
-    )
+    if _is_pixel_shuffle_transpose(node):
+        y = _pixel_shuffle_transpose_relax(node, x, w)
+    else:
+        y = relax.op.nn.conv2d_transpose(
+            x, w, strides=strides, padding=pads, output_padding=output_padding,
+            dilation=dilations, groups=groups, out_dtype=node.outputs[0].dtype,
+        )
     if b is not None:
         y = _add_channel_bias(y, b, 4)
     return relax_activation(y, node.attrs.get("activation"), node.outputs[0].dtype)
