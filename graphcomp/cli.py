@@ -146,7 +146,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="tune every kernel with MetaSchedule before building; kernels "
                              "with enough records in the tuning database are reused")
     tuning.add_argument("--trials", type=int, default=8, metavar="N",
-                        help="measured candidates per kernel (default 8)")
+                        help="measured candidates per kernel, on average (default 8)")
+    tuning.add_argument("--trial-allocation", choices=("flops", "even"), default="flops",
+                        help="'flops' (default) gives a kernel with k times the average "
+                             "FLOPs about k times the trials (N/2 to 16N); 'even' gives "
+                             "each kernel N")
     _add_tuning_db_argument(tuning)
     tuning.add_argument("--rpc-tracker", metavar="HOST:PORT",
                         help="measure candidates on the devices of this TVM RPC tracker")
@@ -372,7 +376,8 @@ def _cmd_compile(args) -> int:
         data=args.data, seed=args.seed, samples=args.samples, max_samples=args.max_samples,
         tolerance=args.tolerance, verify_passes=not args.no_verify_passes,
         dump_dir=args.dump_dir, benchmark_repeat=args.repeat, tune=args.tune,
-        trials=args.trials, tuning_db=args.tuning_db, rpc_tracker=args.rpc_tracker,
+        trials=args.trials, trial_allocation=args.trial_allocation,
+        tuning_db=args.tuning_db, rpc_tracker=args.rpc_tracker,
         rpc_key=args.rpc_key, recover=args.recover, recover_epochs=args.recover_epochs,
     )
     columns = (SpinnerColumn(), TextColumn("{task.description}"), _OptionalBarColumn(),

@@ -68,7 +68,8 @@ class CompileOptions:
     dump_dir: Path | None = None
     benchmark_repeat: int = 5
     tune: bool = False  # tune the kernels with MetaSchedule before building
-    trials: int = 8  # tuning trials per task (kernel)
+    trials: int = 8  # tuning trials per task (kernel), on average
+    trial_allocation: str = "flops"  # "flops": more trials for the heavy kernels; "even"
     tuning_db: Path | None = None  # tuning database folder; None is the user's cache folder
     rpc_tracker: str | None = None  # HOST:PORT of a TVM RPC tracker to measure on
     rpc_key: str | None = None  # device key registered at that tracker
@@ -204,7 +205,8 @@ def _tuning_options(options: CompileOptions):
         if rpc is not None:
             raise OptionError("--rpc-tracker measures tuning candidates; add --tune")
         return None
-    tuning = TuningOptions(trials=options.trials, database=options.tuning_db, rpc=rpc)
+    tuning = TuningOptions(trials=options.trials, database=options.tuning_db, rpc=rpc,
+                           allocation=options.trial_allocation)
     tuning.check()
     return tuning
 
@@ -370,11 +372,11 @@ def _drift(loaded: LoadedModel, final: Graph, dataset: Dataset) -> dict[str, Any
         first = outputs[final.outputs[0].name]
         predictions.append(first.reshape(first.shape[0], -1).argmax(axis=1))
         reference_predictions.append(reference[0].reshape(first.shape[0], -1).argmax(axis=1))
-    if drift.nan_on_both_sides:
+    if drift.nonfinite_on_both_sides:
         log.warning(
-            "%d of %d output values are NaN in the original model and in the compiled graph; "
-            "the error figures cannot compare them, so they say nothing about those values",
-            drift.nan_on_both_sides, drift.count,
+            "%d of %d output values are NaN or infinite in the original model and in the "
+            "compiled graph alike; the error figures leave them out, so they show nothing "
+            "about those values", drift.nonfinite_on_both_sides, drift.count,
         )
     result = drift.to_dict()
     if dataset.labels is not None:
@@ -395,7 +397,8 @@ class ErrorStats:
         self.count = 0
         self.scale = 0.0
         self.min_cosine = 1.0
-        self.nan_on_both_sides = 0  # NaN elements compared as equal, which prove nothing
+        # NaN or infinite elements equal on both sides: they pass but prove nothing.
+        self.nonfinite_on_both_sides = 0
 
     def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
         expected = np.asarray(expected, np.float64)
@@ -405,11 +408,13 @@ class ErrorStats:
                 f"output shapes differ: expected {expected.shape}, got {actual.shape}"
             )
         # NaN where the other side has a number is an infinite error, so that a backend that
-        # returns NaN (or loses the model's NaN) never passes; NaN on both sides agrees.
+        # returns NaN (or loses the model's NaN) never passes; NaN on both sides agrees, and so
+        # does the same infinity on both sides (inf - inf would be NaN).
         expected_nan, actual_nan = np.isnan(expected), np.isnan(actual)
-        both = expected_nan & actual_nan
-        self.nan_on_both_sides += int(both.sum())
-        diff = np.abs(np.where(both, 0.0, expected - actual))
+        both = (expected_nan & actual_nan) | (np.isinf(expected) & (expected == actual))
+        self.nonfinite_on_both_sides += int(both.sum())
+        with np.errstate(invalid="ignore"):  # inf - inf, replaced where both agree
+            diff = np.abs(np.where(both, 0.0, expected - actual))
         diff[expected_nan ^ actual_nan] = np.inf
         self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
         self.abs_sum += float(diff.sum())

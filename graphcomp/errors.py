@@ -62,3 +62,8 @@ class BackendError(GraphcompError):
 
 class ArtifactError(GraphcompError):
     """An artifact folder is missing files, corrupt, or built for another target or version."""
+
+
+class InputRangeError(GraphcompError):
+    """An integer input contains an index outside the table it indexes (a token id at or above
+    the vocabulary size)."""

@@ -38,6 +38,12 @@ ZOO = {
 }
 
 
+# Ops whose constant inputs are trained weights, where an infinite value is a fault.
+LAYER_OPS = frozenset({
+    "conv2d", "conv_transpose2d", "linear", "matmul", "batch_norm", "layer_norm", "embedding",
+})
+
+
 @dataclass
 class LoadedModel:
     """A graph plus what it was made from: the original model runs as the reference."""
@@ -66,7 +72,57 @@ def load_model(
     example_inputs: tuple | None = None,
 ) -> LoadedModel:
     """Import a model spec (see the module docstring), a torch.nn.Module or an
-    ExportedProgram into a graph, with its original model as reference."""
+    ExportedProgram into a graph, with its original model as reference.
+
+    Raises ModelLoadError for weights that contain NaN, and warns about infinite weights
+    (see ``check_weights``).
+    """
+    loaded = _load_any(spec, input_shapes, example_inputs)
+    check_weights(loaded.graph, loaded.source)
+    return loaded
+
+
+def check_weights(graph: Graph, source: str) -> None:
+    """Raise ModelLoadError naming the constants that contain NaN; warn about infinite ones.
+
+    A NaN weight makes every output it reaches NaN, and the error figures of verification
+    compare NaN with NaN as equal, so such a model would compile and verify as if it were
+    fine. Infinite values are only warned about, and only in the weights of layers
+    (``LAYER_OPS``), because masks and fill values legitimately hold -inf (attention masks
+    added before a softmax).
+    """
+    consumers = graph.consumers()
+    with_nan, with_inf = [], []
+    for constant in graph.constants():
+        if not np.issubdtype(constant.data.dtype, np.floating):
+            continue
+        nan_count = int(np.isnan(constant.data).sum())
+        readers = consumers.get(constant, [])
+        in_layer = any(node.op in LAYER_OPS for node in readers)
+        inf_count = int(np.isinf(constant.data).sum()) if in_layer else 0
+        if not (nan_count or inf_count):
+            continue
+        names = ", ".join(f"'{node.name}' (op {node.op})" for node in readers) or "no node"
+        where = f"{constant.name} {list(constant.shape)}, read by {names}"
+        if nan_count:
+            with_nan.append(f"{where}: {nan_count} NaN of {constant.size}")
+        if inf_count:
+            with_inf.append(f"{where}: {inf_count} infinite of {constant.size}")
+    if with_nan:
+        raise ModelLoadError(
+            f"{source}: {len(with_nan)} weight tensor(s) contain NaN: " + "; ".join(with_nan[:5])
+            + (f"; and {len(with_nan) - 5} more" if len(with_nan) > 5 else "")
+            + ". The model is broken (a diverged training run or a faulty conversion); "
+            "export it again from a good checkpoint"
+        )
+    if with_inf:
+        log.warning(
+            "%s: %d weight tensor(s) contain infinite values, which is right for masks but "
+            "a fault in weights: %s", source, len(with_inf), "; ".join(with_inf[:5]),
+        )
+
+
+def _load_any(spec: Any, input_shapes, example_inputs) -> LoadedModel:
     import torch
 
     if isinstance(spec, (torch.nn.Module, torch.export.ExportedProgram)):
@@ -124,7 +180,11 @@ def _from_torch(model, example_inputs, source: str) -> LoadedModel:
 
     from graphcomp.frontends.torch_frontend import import_torch
 
-    graph = import_torch(model, example_inputs, name=_graph_name(source))
+    try:
+        graph = import_torch(model, example_inputs, name=_graph_name(source))
+    except GraphcompError as exc:
+        _name_source(exc, source)
+        raise
     module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     input_names = [value.name for value in graph.inputs]
 
@@ -136,6 +196,14 @@ def _from_torch(model, example_inputs, source: str) -> LoadedModel:
         return [r.detach().numpy() for r in results]
 
     return LoadedModel(graph, source, "torch", reference)
+
+
+def _name_source(exc: GraphcompError, source: str) -> None:
+    """Start the message of ``exc`` with the model spec, unless the message names it already.
+    The torch frontend names the module and node, but not the file the module came from."""
+    message = str(exc)
+    if source not in message:
+        exc.args = (f"{source}: {message}",)
 
 
 def _graph_name(source: str) -> str:

@@ -40,6 +40,7 @@ class FoldConstants(Pass):
     summary = "compute nodes whose inputs are all constants"
     options = {"max_elements": int}
     defaults = {"max_elements": 1 << 24}
+    ranges = {"max_elements": (0, None)}
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         graph_outputs = {id(value) for value in graph.outputs}

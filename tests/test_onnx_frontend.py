@@ -426,38 +426,6 @@ def test_external_data_model(tmp_path):
 # --- folding keeps ONNX dtypes ------------------------------------------------------------------
 
 
-def value_float_model():
-    # c = Constant(value_float=0.5); c2 = c * c (foldable); y = x + c2
-    return make_model(
-        [node("Constant", [], ["c"], value_float=0.5), node("Mul", ["c", "c"], ["c2"]),
-         node("Add", ["x", "c2"], ["y"])],
-        [("x", [2], TP.FLOAT)], ["y"], opset=17,
-    )
-
-
-def test_fold_value_float_stays_float32(tmp_path):
-    folded = simplify_model(value_float_model(), "value_float_fold")
-    initializers = {init.name: nph.to_array(init) for init in folded.graph.initializer}
-    assert [n.op_type for n in folded.graph.node] == ["Add"]
-    assert initializers["c2"].dtype == np.float32
-    assert initializers["c2"] == np.float32(0.25)
-    x = np.array([1.0, -3.0], np.float32)
-    folded_output = run_onnxruntime(folded, {"x": x})["y"]
-    np.testing.assert_array_equal(folded_output, x + np.float32(0.25))
-
-
-def test_import_value_float_adds_quarter(tmp_path):
-    path = tmp_path / "value_float.onnx"
-    onnx.save(value_float_model(), path)
-    graph = import_onnx(path)
-    constants = [v for n in graph.nodes for v in n.inputs if isinstance(v, Constant)]
-    assert [(c.name, c.dtype) for c in constants] == [("c2", "float32")]
-    x = np.array([1.0, -3.0], np.float32)
-    y = executor.run(graph, {"x": x})["y"]
-    assert y.dtype == np.float32
-    np.testing.assert_array_equal(y, x + np.float32(0.25))
-
-
 def test_every_folded_tensor_keeps_inferred_dtype():
     # Constants of each attribute kind feed foldable chains of several dtypes.
     model = make_model(
@@ -482,25 +450,6 @@ def test_every_folded_tensor_keeps_inferred_dtype():
     x = np.array([1.0, 2.0], np.float32)
     np.testing.assert_array_equal(run_onnxruntime(folded, {"x": x})["y"],
                                   run_onnxruntime(model, {"x": x})["y"])
-
-
-# --- reported cases ------------------------------------------------------------------------------
-
-
-def test_runtime_reshape_shape_is_rejected(tmp_path):
-    # Reshape whose target shape is a graph input: no static output shape exists.
-    graph = oh.make_graph(
-        [oh.make_node("Reshape", ["data", "shape"], ["y"])], "runtime_reshape",
-        [oh.make_tensor_value_info("data", TP.FLOAT, [2, 3, 4]),
-         oh.make_tensor_value_info("shape", TP.INT64, [2])],
-        [oh.make_tensor_value_info("y", TP.FLOAT, ["a", "b"])])
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
-    path = tmp_path / "runtime_reshape.onnx"
-    onnx.save(model, path)
-    with pytest.raises(UnsupportedOpError, match="Reshape with a non-constant shape") as info:
-        import_onnx(path)
-    assert "Reshape_0" in str(info.value)
-    assert info.value.exit_code == 2
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -542,7 +491,8 @@ def test_random_bytes(tmp_path):
 def test_protobuf_that_is_not_a_model(tmp_path):
     path = tmp_path / "tensor.onnx"
     path.write_bytes(nph.from_array(weights(3, 3)).SerializeToString())
-    with pytest.raises(ModelLoadError, match=r"tensor\.onnx: is a protobuf message but not"):
+    with pytest.raises(ModelLoadError, match=r"tensor\.onnx: is a serialized ONNX tensor "
+                                             r"\(TensorProto\)"):
         import_onnx(path)
 
 
@@ -561,7 +511,8 @@ def test_missing_external_data(tmp_path):
     onnx.save(model, path, save_as_external_data=True, location="weights.bin",
               size_threshold=0)
     (tmp_path / "weights.bin").unlink()
-    with pytest.raises(ModelLoadError, match=r"model\.onnx: cannot be loaded"):
+    with pytest.raises(ModelLoadError, match=r"model\.onnx: the model keeps weights in "
+                                             r"external data files that are missing .*weights\.bin"):
         import_onnx(path)
 
 

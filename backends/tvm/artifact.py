@@ -29,6 +29,7 @@ import numpy as np
 
 import graphcomp
 from graphcomp.errors import ArtifactError, BackendError, ShapeError
+from graphcomp.index_ranges import IndexRange
 
 from .lower import TensorSpec
 from .targets import check_runs_here
@@ -301,9 +302,17 @@ def _check_fields(manifest_path: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+# Manifests already warned about, so that a command reading one twice warns once.
+_warned_manifests: set[tuple[Path, str, str]] = set()
+
+
 def _warn_on_version_change(manifest_path: Path, manifest: dict[str, Any]) -> None:
     import tvm
 
+    key = (manifest_path.resolve(), manifest["graphcomp_version"], manifest["tvm_version"])
+    if key in _warned_manifests:
+        return
+    _warned_manifests.add(key)
     if manifest["graphcomp_version"] != graphcomp.__version__:
         logger.warning(
             "%s was written by graphcomp %s; this is graphcomp %s",
@@ -314,6 +323,29 @@ def _warn_on_version_change(manifest_path: Path, manifest: dict[str, Any]) -> No
             "%s was built with TVM %s; this runtime is TVM %s",
             manifest_path, manifest["tvm_version"], tvm.__version__,
         )
+
+
+def record_index_ranges(folder: Path, ranges: list[IndexRange]) -> None:
+    """Add the valid ranges of the model's index inputs (see ``graphcomp.index_ranges``) to
+    the manifest in ``folder``, for ``graphcomp run`` to check its inputs against."""
+    path = folder / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["index_ranges"] = [item.to_json() for item in ranges]
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def manifest_index_ranges(folder: Path) -> list[IndexRange]:
+    """Return the index input ranges in the manifest of the artifact in ``folder``; none for
+    an artifact exported without them (``BuiltModel.export`` records none). Call it after
+    ``read_manifest`` has checked the manifest."""
+    path = folder / MANIFEST_FILE
+    items = json.loads(path.read_text()).get("index_ranges", [])
+    try:
+        return [IndexRange.from_json(item) for item in items]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path}: corrupt manifest, bad 'index_ranges' entry ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _manifest_target(folder: Path, manifest: dict[str, Any]):

@@ -9,10 +9,10 @@
    and ``cleanup``, repeated until the node count stops changing, so that shape subgraphs
    (Shape -> Gather -> Concat -> Reshape) become constants. Each folded tensor keeps the dtype
    that ONNX type inference gives it.
-4. Collect every op type without a converter and raise one UnsupportedOpError listing them.
-5. Convert node by node with the table in ``onnx_ops``, collecting attribute values that
-   graphcomp cannot represent, and raise one UnsupportedOpError for all of them.
-6. Run graphcomp's shape inference and verifier, and check that every converted tensor has the
+4. Convert node by node with the table in ``onnx_ops``, skipping op types without a
+   converter and collecting attribute values that graphcomp cannot represent, then raise one
+   UnsupportedOpError listing both, so that one error names every unsupported op.
+5. Run graphcomp's shape inference and verifier, and check that every converted tensor has the
    shape and dtype that ONNX shape inference gives it.
 """
 
@@ -122,16 +122,35 @@ def load_model(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except DecodeError as exc:
+        other = _other_onnx_message(path)
+        if other is not None:
+            raise ModelLoadError(
+                f"{path}: is a serialized ONNX {other}, not a model (ModelProto); export the "
+                "whole model with torch.onnx.export or onnx.save"
+            ) from exc
         raise ModelLoadError(
             f"{path}: cannot be parsed as an ONNX model ({exc}); the file is truncated, "
             "corrupt or not an ONNX protobuf file"
         ) from exc
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        missing = _missing_external_data(path)
+        if missing:
+            listing = "; ".join(
+                f"{file_name} (tensors {', '.join(tensors[:3])}"
+                f"{' ...' if len(tensors) > 3 else ''})"
+                for file_name, tensors in missing.items()
+            )
+            raise ModelLoadError(
+                f"{path}: the model keeps weights in external data files that are missing from "
+                f"{path.parent}: {listing}. Copy them next to the model file"
+            ) from exc
         # Unreadable file or external data file, or external data that fails onnx's checks.
         raise ModelLoadError(f"{path}: cannot be loaded: {_one_line(exc)}") from exc
     if not model.HasField("graph") or not model.opset_import:
+        other = _other_onnx_message(path)
+        kind = f"a serialized ONNX {other}" if other else "a protobuf message"
         raise ModelLoadError(
-            f"{path}: is a protobuf message but not an ONNX model (it has no graph or no "
+            f"{path}: is {kind} but not an ONNX model (it has no graph or no "
             "opset_import); export the model with torch.onnx.export or another ONNX exporter"
         )
     try:
@@ -142,6 +161,44 @@ def load_model(path: Path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         raise ModelLoadError(f"{path}: is not a valid ONNX model: {_one_line(exc)}") from exc
     return model
+
+
+def _other_onnx_message(path: Path) -> str | None:
+    """Name the ONNX message type (TensorProto, GraphProto) that a file holding no ModelProto
+    parses as exactly, or return None. Used only to word the error for such a file."""
+    data = path.read_bytes()
+    candidates = (
+        ("tensor (TensorProto)", onnx.TensorProto, lambda t: t.dims and t.data_type),
+        ("graph (GraphProto)", onnx.GraphProto, lambda g: len(g.node) > 0),
+    )
+    for label, message_type, looks_valid in candidates:
+        message = message_type()
+        try:
+            message.ParseFromString(data)
+        except DecodeError:
+            continue
+        # Random bytes seldom parse, and almost never re-encode to the same bytes.
+        if looks_valid(message) and message.SerializeToString() == data:
+            return label
+    return None
+
+
+def _missing_external_data(path: Path) -> dict[str, list[str]]:
+    """Map each external data file that the model at ``path`` names but that does not exist
+    to the initializers stored in it."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError):
+        return {}
+    missing: dict[str, list[str]] = defaultdict(list)
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data
+                         if entry.key == "location"), "")
+        if not (path.parent / location).is_file():
+            missing[location or "(no location)"].append(tensor.name)
+    return dict(missing)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -411,24 +468,33 @@ def unique_node_names(model: onnx.ModelProto) -> list[str]:
 
 def check_supported_ops(model: onnx.ModelProto, names: list[str], source: str) -> None:
     """Raise one UnsupportedOpError listing every op type that has no converter."""
+    missing = unsupported_op_types(model, names)
+    if missing:
+        raise UnsupportedOpError(source, missing)
+
+
+def unsupported_op_types(
+    model: onnx.ModelProto, names: list[str]
+) -> list[tuple[str, str, list[str]]]:
+    """Return (op type, domain and opset, node names) for each op type without a converter."""
     versions = {opset.domain or "ai.onnx": opset.version for opset in model.opset_import}
     missing: dict[tuple[str, str], list[str]] = defaultdict(list)
     for node, name in zip(model.graph.node, names):
-        domain = node.domain or "ai.onnx"
-        if domain == "ai.onnx" and node.op_type in CONVERTERS:
-            continue
-        missing[(node.op_type, domain)].append(name)
-    if missing:
-        raise UnsupportedOpError(source, [
-            (op_type, f"domain {domain}, opset {versions.get(domain, '?')}", node_names)
-            for (op_type, domain), node_names in missing.items()
-        ])
+        if not _has_converter(node):
+            missing[(node.op_type, node.domain or "ai.onnx")].append(name)
+    return [
+        (op_type, f"domain {domain}, opset {versions.get(domain, '?')}", node_names)
+        for (op_type, domain), node_names in missing.items()
+    ]
+
+
+def _has_converter(node: onnx.NodeProto) -> bool:
+    return (node.domain or "ai.onnx") == "ai.onnx" and node.op_type in CONVERTERS
 
 
 def build_graph(model: onnx.ModelProto, source: str) -> Graph:
     """Convert a folded, shape-inferred ONNX model into a verified Graph."""
     names = unique_node_names(model)
-    check_supported_ops(model, names, source)
     opset = default_opset(model)
     onnx_types = onnx_tensor_types(model)
     values = _initial_values(model)
@@ -479,15 +545,17 @@ def _initial_values(model: onnx.ModelProto) -> dict[str, Value]:
 def _convert_nodes(
     ctx: ConversionContext, model: onnx.ModelProto, names: list[str], opset: int, source: str
 ) -> None:
-    """Convert every node; collect the nodes that cannot be converted and raise them at once.
+    """Convert every node; raise one UnsupportedOpError listing both the op types without a
+    converter and the nodes whose attribute values or inputs cannot be converted.
 
     The outputs of a node that fails are marked broken, and nodes reading them are skipped,
     because their inputs have no graphcomp value to convert against.
     """
+    missing_types = unsupported_op_types(model, names)
     problems: dict[tuple[str, str], list[str]] = defaultdict(list)
     broken: set[str] = set()
     for proto, name in zip(model.graph.node, names):
-        if any(input_name in broken for input_name in proto.input):
+        if not _has_converter(proto) or any(item in broken for item in proto.input):
             broken.update(proto.output)
             continue
         node = OnnxNode.from_proto(proto, name, opset)
@@ -497,9 +565,16 @@ def _convert_nodes(
             problems[(proto.op_type, str(exc))].append(name)
             broken.update(proto.output)
         except ShapeError as exc:
-            raise ShapeError(f"{source}: {exc}") from exc
-    if problems:
-        raise UnsupportedOpError(source, [
+            inputs = ", ".join(
+                f"{value.name} {list(ctx.values[value.name].shape)}"
+                for value in _real_inputs(model)
+            )
+            raise ShapeError(
+                f"{source}: {exc}. The model's inputs have the shapes {inputs}; an input shape "
+                "the model does not accept (check --input-shape) is the usual cause"
+            ) from exc
+    if missing_types or problems:
+        raise UnsupportedOpError(source, missing_types + [
             (op_type, f"opset {opset}: {reason}", node_names)
             for (op_type, reason), node_names in problems.items()
         ])

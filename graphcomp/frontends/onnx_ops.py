@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from graphcomp.errors import ShapeError
 from graphcomp.ir import Constant, Node, Value
 from graphcomp.ops import TORCH_DTYPES
 from graphcomp.shapes import infer_node
@@ -540,11 +541,23 @@ def resolve_reshape(
         )
     if unknown:
         if known == 0 or size % known:
-            raise NodeNotSupported(f"Reshape of {list(in_shape)} to {requested}")
+            raise _reshape_size_error(in_shape, requested, node)
         shape[unknown[0]] = size // known
     if int(np.prod(shape, dtype=np.int64)) != size:
-        raise NodeNotSupported(f"Reshape of {list(in_shape)} to {requested}: sizes differ")
+        raise _reshape_size_error(in_shape, requested, node)
     return shape
+
+
+def _reshape_size_error(
+    in_shape: tuple[int, ...], requested: list[int], node: OnnxNode
+) -> ShapeError:
+    # A well-formed model reshapes consistently for the input shapes it was made for, so a
+    # mismatch points at the input shapes rather than at a missing feature.
+    size = int(np.prod(in_shape, dtype=np.int64))
+    return ShapeError(
+        f"node '{node.name}' (op Reshape) cannot reshape a tensor of shape {list(in_shape)} "
+        f"({size} elements) to {requested}"
+    )
 
 
 @converts("Reshape")

@@ -25,13 +25,15 @@ have converters too.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import operator
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -58,6 +60,41 @@ class _Unsupported(Exception):
 # --- public API -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def torch_output_at_info() -> Iterator[None]:
+    """Pass what torch logs or prints to stderr inside the block to graphcomp's logger at
+    INFO level, after the block, instead of to the terminal.
+
+    torch.export logs tracebacks and prints partial graphs before it raises; the error that
+    graphcomp raises already names the fault, so those show only with ``--verbose``.
+    """
+    diverted: list[str] = []
+
+    def divert(record: logging.LogRecord) -> bool:
+        diverted.append(f"[{record.name}] {record.getMessage()}")
+        return False
+
+    handlers = {
+        handler
+        for name, item in list(logging.root.manager.loggerDict.items())
+        if (name == "torch" or name.startswith("torch.")) and isinstance(item, logging.Logger)
+        for handler in item.handlers
+    }
+    for handler in handlers:
+        handler.addFilter(divert)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(divert)
+        if printed.getvalue().strip():
+            diverted.append(f"[stderr] {printed.getvalue().strip()}")
+        for text in diverted:
+            logger.info("torch output: %s", text)
+
+
 def load_pt2(path) -> torch.export.ExportedProgram:
     """Load an ExportedProgram saved with ``torch.export.save``, raising ModelLoadError if it
     is missing or invalid."""
@@ -65,7 +102,8 @@ def load_pt2(path) -> torch.export.ExportedProgram:
     if not path.is_file():
         raise ModelLoadError(f"{path}: file not found")
     try:
-        return torch.export.load(str(path))
+        with torch_output_at_info():
+            return torch.export.load(str(path))
     except Exception as exc:  # torch.export.load raises many exception types for bad files
         raise ModelLoadError(
             f"{path}: not a valid torch.export program ({type(exc).__name__}: {exc}); save one "
@@ -123,15 +161,38 @@ def _export(model: torch.nn.Module, example_inputs, name: str) -> torch.export.E
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch_output_at_info():
             return torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as exc:  # any exception here means the export failed
-        message = str(exc).strip()
-        if len(message) > 2000:
-            message = message[:2000] + " ..."
+        logger.info("torch.export error in full:\n%s", exc)
         raise GraphcompError(
-            f"torch.export failed for model '{name}' ({type(exc).__name__}): {message}"
+            f"torch.export failed for model '{name}' ({type(exc).__name__}): "
+            f"{_export_error_summary(str(exc))} (rerun with --verbose for torch's full message)"
         ) from exc
+
+
+def _export_error_summary(message: str) -> str:
+    """Shorten a torch.export error to its first paragraph and the user's line that raised it.
+
+    torch's messages run to dozens of lines of debugging advice; the first paragraph states
+    the fault and "The following call raised this error" names the model's source line.
+    """
+    paragraphs = [part.strip() for part in re.split(r"\n\s*\n", message.strip()) if part.strip()]
+    if not paragraphs:
+        return "no message"
+    summary = " ".join(paragraphs[0].split())
+    if len(summary) > 500:
+        summary = summary[:500] + " ..."
+    for index, part in enumerate(paragraphs):
+        if part.startswith("The following call raised this error"):
+            lines = part.splitlines()[1:]
+            if not lines and index + 1 < len(paragraphs):
+                lines = paragraphs[index + 1].splitlines()
+            where = " ".join(" ".join(line.split()) for line in lines[:2])
+            if where:
+                summary += f"; raised at {where}"
+            break
+    return summary
 
 
 # --- the importer -----------------------------------------------------------------------------
