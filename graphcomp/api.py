@@ -34,15 +34,18 @@ __all__ = [
 def run_pipeline(
     graph: Graph, pipeline: str | None = None, feeds: dict[str, np.ndarray] | None = None,
     verify: bool = True, tolerance: float = 1e-4, dump_dir: str | Path | None = None,
+    target: str | None = None,
 ):
     """Run a pipeline (the default one when ``pipeline`` is None) on a copy of ``graph``;
-    with ``feeds``, check each pass numerically against the graph before it."""
+    with ``feeds``, check each pass numerically against the graph before it. ``target``
+    names the build target that passes may base decisions on (``lowrank`` times its
+    candidate layers there)."""
     from graphcomp.pipeline import DEFAULT_PIPELINE, PassManager, parse_pipeline
 
     passes = parse_pipeline(DEFAULT_PIPELINE if pipeline is None else pipeline)
     manager = PassManager(
         passes, verify=verify and feeds is not None, tolerance=tolerance, feeds=feeds,
-        dump_dir=Path(dump_dir) if dump_dir is not None else None,
+        dump_dir=Path(dump_dir) if dump_dir is not None else None, target=target,
     )
     return manager.run(graph)
 

@@ -413,6 +413,11 @@ def evbmf(matrix: np.ndarray) -> VBMFResult:
     4. Component h is kept when gamma_h > sqrt(M sigma^2 x_bar); its estimate is
        ``gamma_h / 2 (1 - (L + M) sigma^2 / gamma_h^2 + sqrt((1 - (L + M) sigma^2 /
        gamma_h^2)^2 - 4 L M sigma^4 / gamma_h^4))``.
+
+    The threshold is above the edge of the spectrum of pure noise of variance sigma^2, which
+    is sqrt(M sigma^2) (1 + sqrt(alpha)) for large matrices (Marchenko-Pastur), so a matrix
+    whose spectrum is as flat as a random matrix's gets rank 0. Small trained layers can look
+    like that: the digits CNN's conv1, conv2 and fc2 do.
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape[0] > matrix.shape[1]:

@@ -11,8 +11,9 @@ import numpy as np
 
 from graphcomp import decompose
 from graphcomp.analysis import graph_stats, node_macs, node_params
-from graphcomp.errors import OptionError
+from graphcomp.errors import BackendError, OptionError
 from graphcomp.ir import Constant, Graph, Node, Value
+from graphcomp.layer_timing import LayerTimer
 from graphcomp.patterns import Match, new_constant, replace_match
 from graphcomp.pipeline import Pass, PassContext, PassNodeError, PassResult, register_pass
 from graphcomp.shapes import infer_node
@@ -20,7 +21,12 @@ from graphcomp.shapes import infer_node
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "svd", "tucker2", "cp")
+MEASURE_MODES = ("auto", "true", "false")
 DEFAULT_RATIO = 0.5
+# A chain must run this many times faster than its layer to replace it, by default. Repeated
+# timings of one build vary, so without a margin, noise alone would keep some chains that
+# are no faster.
+DEFAULT_MIN_SPEEDUP = 1.05
 Factors = decompose.SVDFactors | decompose.Tucker2Factors | decompose.CPFactors
 
 
@@ -45,6 +51,16 @@ class _Layer:
     def matrix(self) -> np.ndarray:
         """The weight as [out, in * kH * kW]."""
         return decompose.unfold(self.weight, 0) if self.is_conv else self.weight
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """How one run decides by speed: a LayerTimer (None decides by MACs alone), the named
+    target it times on, and a note for the report."""
+
+    timer: Any
+    target: str | None
+    note: str
 
 
 @dataclass(frozen=True)
@@ -87,11 +103,23 @@ class DecomposeLowRank(Pass):
     squared singular values; per mode unfolding for Tucker-2; for CP the smallest rank with
     relative error <= sqrt(1 - energy)), or the bare word ``vbmf`` (empirical VBMF on the
     matrix, or on the mode-0 and mode-1 unfoldings for Tucker-2 and CP; for CP the larger
-    of the two, a lower bound of the CP rank). ``override=conv1=0.3;fc=0.5`` gives matching
+    of the two, a lower bound of the CP rank). VBMF keeps only the singular values above what
+    noise of its estimated variance would give, so a layer whose spectrum is as flat as a
+    random matrix's gets rank 1, with a warning. ``override=conv1=0.3;fc=0.5`` gives matching
     layers (fnmatch on node names) their own value of the criterion, which is a ratio with
     vbmf. ``exclude=head*;fc2`` leaves matching layers alone, and so does ``min_macs=N`` for
     layers of fewer than N MACs. A layer is decomposed only when the chain has fewer MACs
     than the layer. A rank above a layer's limit raises OptionError.
+
+    Measured speed (``measure=auto|true|false``, ``min_speedup``, default 1.05): with a
+    target (``graphcomp compile`` always has one, ``cpu`` by default), each layer whose chain
+    saves MACs is built alone with the TVM backend for that target, and so is its chain. Both
+    are timed on random inputs of the layer's real shapes (``graphcomp.layer_timing``), and the
+    chain replaces the layer only when it runs at least ``min_speedup`` times faster.
+    ``measure=true`` times on ``cpu`` when no target is given, ``measure=false`` decides by
+    MACs alone. A target whose code cannot run here (cuda without a GPU, arm, which would run
+    only under emulation) falls back to MACs with a logged note. Builds use TVM's default
+    schedules unless the tuning database has records for every kernel of both.
 
     Run it after ``fold-bn`` and ``fuse``: a batch norm folded into the weight is decomposed
     with it, and a bias add fused into the layer stays on the last factor.
@@ -111,9 +139,12 @@ class DecomposeLowRank(Pass):
     name = "lowrank"
     summary = "replace linear, matmul and conv2d layers by low-rank chains (SVD, Tucker-2, CP)"
     lossless = False
+    requires = ("float",)  # it decomposes float linear, matmul and conv2d layers only
     options = {"method": str, "rank": int, "ratio": float, "energy": float, "vbmf": bool,
-               "exclude": str, "override": str, "min_macs": int}
-    defaults = {"method": "auto", "vbmf": False, "exclude": "", "override": "", "min_macs": 0}
+               "exclude": str, "override": str, "min_macs": int, "measure": str,
+               "min_speedup": float}
+    defaults = {"method": "auto", "vbmf": False, "exclude": "", "override": "", "min_macs": 0,
+                "measure": "auto", "min_speedup": DEFAULT_MIN_SPEEDUP}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -138,6 +169,16 @@ class DecomposeLowRank(Pass):
                               f"{self.config['min_macs']}")
         self.excluded = split_patterns(self.config["exclude"])
         self.overrides = parse_overrides(self.config["override"], criterion)
+        self.config["measure"] = self.config["measure"].lower()
+        if self.config["measure"] not in MEASURE_MODES:
+            raise OptionError(f"pass 'lowrank': measure must be one of "
+                              f"{', '.join(MEASURE_MODES)}, got '{self.config['measure']}'")
+        if not 0.0 < self.config["min_speedup"] < float("inf"):
+            raise OptionError(f"pass 'lowrank': min_speedup must be a positive number, got "
+                              f"{self.config['min_speedup']}")
+        # Timers by target name. They cache builds and timings, so a pass object that runs on
+        # several graphs builds each distinct layer once. Tests put a fake timer here.
+        self.timers: dict[str, Any] = {}
 
     @classmethod
     def parse_word(cls, word: str) -> dict[str, Any]:
@@ -156,30 +197,69 @@ class DecomposeLowRank(Pass):
                 check_rank_limit(layer, self._method_for(layer), self._target_for(layer.node.name))
 
         before = graph_stats(graph)
+        candidates = [layer for layer in layers if self._reason_to_skip(layer) is None]
+        timing = _Timing(None, None, "no layer to decompose")
+        if candidates:
+            timing = self._timing_for(ctx.target)
         decomposed: list[dict[str, Any]] = []
-        skipped: list[dict[str, str]] = []
+        skipped: list[dict[str, Any]] = []
+        # Timing builds every candidate layer and chain with TVM, which takes seconds each.
+        report_progress = ctx.progress if timing.timer is not None else None
+        if report_progress is not None:
+            report_progress(f"timing layers on {timing.target}", 0, len(candidates))
         for layer in layers:
             reason = self._reason_to_skip(layer)
-            record = None
             if reason is None:
-                record, reason = self._decompose(graph, layer)
-            if record is not None:
+                kept, record = self._decompose(graph, layer, timing)
+                if timing.timer is not None:
+                    done = candidates.index(layer) + 1
+                    logger.info("lowrank: layer %d of %d, %s: %s", done, len(candidates),
+                                layer.node.name, record["reason"])
+                    if report_progress is not None:
+                        report_progress(f"timing layers on {timing.target}", done,
+                                        len(candidates))
+            else:
+                kept, record = False, {"layer": layer.node.name, "reason": reason}
+            if kept:
                 decomposed.append(record)
             else:
-                skipped.append({"layer": layer.node.name, "reason": reason})
-                logger.debug("lowrank: %s left alone: %s", layer.node.name, reason)
+                skipped.append(record)
+                logger.debug("lowrank: %s left alone: %s", layer.node.name, record["reason"])
 
         after = graph_stats(graph)
         logger.info("lowrank: %d of %d layers decomposed, params %d -> %d, MACs %d -> %d",
                     len(decomposed), len(layers), before.params, after.params, before.macs,
                     after.macs)
+        slower = [record for record in skipped if "speedup" in record]
         details = {
             "method": self.config["method"], "criterion": self.target.criterion,
             "decomposed": len(decomposed), "params_before": before.params,
             "params_after": after.params, "macs_before": before.macs, "macs_after": after.macs,
-            "layers": decomposed, "skipped": skipped,
+            "fewer_macs": len(decomposed) + len(slower), "not_faster": len(slower),
+            "timed_on": timing.target if timing.timer is not None else None,
+            "timing_note": timing.note, "layers": decomposed, "skipped": skipped,
         }
         return PassResult(changed=bool(decomposed), details=details)
+
+    def _timing_for(self, target: str | None) -> "_Timing":
+        """Return the timer that decides with measured speed, or a note why there is none."""
+        mode = self.config["measure"]
+        if mode == "false":
+            return _Timing(None, target, "measure=false: decided by MACs")
+        if target is None:
+            if mode == "auto":
+                return _Timing(None, None, "no target given: decided by MACs")
+            target = "cpu"
+        timer = self.timers.get(target)
+        if timer is None:
+            timer = self.timers[target] = LayerTimer(target)
+        reason = timer.unavailable_reason()
+        if reason is None:
+            return _Timing(timer, target, f"timed on {target}")
+        note = f"target '{target}' cannot be timed here ({reason}): decided by MACs"
+        # An explicit request that cannot be met warrants a warning; auto only notes it.
+        logger.log(logging.WARNING if mode == "true" else logging.INFO, "lowrank: %s", note)
+        return _Timing(None, target, note)
 
     def _reason_to_skip(self, layer: _Layer) -> str | None:
         node = layer.node
@@ -206,18 +286,19 @@ class DecomposeLowRank(Pass):
                 return target
         return self.target
 
-    def _decompose(self, graph: Graph, layer: _Layer) -> tuple[dict | None, str]:
-        """Replace ``layer`` by its chain when that saves MACs; return the record of the
-        layer (or None) and the reason it was left alone."""
+    def _decompose(self, graph: Graph, layer: _Layer, timing: "_Timing") -> tuple[bool, dict]:
+        """Replace ``layer`` by its chain when that saves MACs and, with a timer, measures
+        faster. Return whether it did, and the layer's record: figures and the reason."""
+        name = layer.node.name
         method = self._method_for(layer)
-        target = self._target_for(layer.node.name)
+        target = self._target_for(name)
         macs_before = node_macs(layer.node)
 
         if method == "cp":
             max_rank = _max_paying_cp_rank(graph, layer, macs_before)
             factors, reason = fit_cp(layer, target, max_rank)
             if factors is None:
-                return None, reason
+                return False, {"layer": name, "reason": reason}
         else:
             factors = factorize(layer, method, target)
         dtype = layer.node.inputs[1].dtype
@@ -225,20 +306,46 @@ class DecomposeLowRank(Pass):
         macs_after = sum(node_macs(n) for n in nodes)
         ranks = _ranks(factors)
         if macs_after >= macs_before:
-            return None, f"no MAC saving at ranks {ranks}: {macs_before} -> {macs_after}"
+            return False, {"layer": name, "reason": f"no MAC saving at ranks {ranks}: "
+                           f"{macs_before} -> {macs_after}"}
 
         error = decompose.relative_error(layer.matrix, _dense(factors.cast(dtype), layer))
         record = {
-            "layer": layer.node.name, "op": layer.node.op, "method": method, "ranks": ranks,
+            "layer": name, "op": layer.node.op, "method": method, "ranks": ranks,
             "error": error, "params_before": node_params(layer.node),
             "params_after": sum(node_params(n) for n in nodes),
             "macs_before": macs_before, "macs_after": macs_after,
         }
+        faster, record["reason"] = self._judge_speed(layer.node, nodes, timing, record)
+        if not faster:
+            return False, record
         if not replace_match(graph, Match(layer.node, [layer.node]), nodes):
-            raise PassNodeError(layer.node.name, f"the {method} chain of layer "
-                                f"'{layer.node.name}' changes its output shape")
+            raise PassNodeError(name, f"the {method} chain of layer '{name}' changes its "
+                                "output shape")
         logger.debug("lowrank: %s", record)
-        return record, ""
+        return True, record
+
+    def _judge_speed(self, layer: Node, chain: list[Node], timing: "_Timing",
+                     record: dict) -> tuple[bool, str]:
+        """Time ``layer`` and ``chain`` when there is a timer; add the times to ``record``.
+        Return whether the chain is to replace the layer, and why."""
+        if timing.timer is None:
+            return True, f"fewer MACs ({timing.note})"
+        try:
+            before, after = timing.timer.compare([layer], chain)
+        except BackendError as exc:
+            logger.warning("lowrank: could not time layer '%s' on %s, deciding by MACs: %s",
+                           layer.name, timing.target, exc)
+            return True, f"fewer MACs (timing failed: {exc})"
+        speedup = before.ms / after.ms if after.ms > 0 else float("inf")
+        record.update(ms_before=before.ms, ms_after=after.ms, speedup=speedup,
+                      tuned=before.tuned)
+        measured = (f"speedup {speedup:.2f}x on {timing.target} "
+                    f"({before.ms:.4g} -> {after.ms:.4g} ms)")
+        minimum = self.config["min_speedup"]
+        if speedup < minimum:
+            return False, f"fewer MACs, but {measured} is below min_speedup {minimum:g}"
+        return True, f"fewer MACs and {measured}"
 
 
 # --- layers and options -----------------------------------------------------------------------
@@ -348,7 +455,8 @@ def factorize(layer: _Layer, method: str, target: _Target) -> Factors:
     if method == "svd":
         matrix = layer.matrix
         rank = _single_rank(target, min(matrix.shape),
-                            lambda: decompose.singular_values(matrix), lambda: [matrix])
+                            lambda: decompose.singular_values(matrix),
+                            lambda: vbmf_ranks(layer, [matrix]))
         return decompose.truncated_svd(matrix, rank)
     return decompose.tucker2(layer.weight, _tucker_ranks(layer, target))
 
@@ -365,24 +473,24 @@ def fit_cp(layer: _Layer, target: _Target, max_rank: int) -> tuple[Factors | Non
             return None, (f"no CP rank up to {max_rank}, the largest with fewer MACs, reaches "
                           f"energy {target.value}")
         return factors, ""
+    unfoldings = [decompose.unfold(kernel, 0), decompose.unfold(kernel, 1)]
     rank = _single_rank(target, decompose.cp_exact_rank(kernel.shape), None,
-                        lambda: [decompose.unfold(kernel, 0), decompose.unfold(kernel, 1)])
+                        lambda: vbmf_ranks(layer, unfoldings, largest=True))
     if rank > max_rank:
         return None, f"no MAC saving at CP rank {rank}: at most rank {max_rank} has fewer MACs"
     return decompose.cp_als(kernel, rank), ""
 
 
-def _single_rank(target: _Target, full: int, values, vbmf_inputs) -> int:
+def _single_rank(target: _Target, full: int, values, vbmf) -> int:
     """Return one rank from ``target`` for a layer of full rank ``full``. ``values`` returns
-    the singular values for energy, ``vbmf_inputs`` the matrices whose largest EVBMF rank is
-    used."""
+    the singular values for energy, ``vbmf`` the EVBMF ranks, of which the largest is used."""
     if target.criterion == "rank":
         return target.value
     if target.criterion == "ratio":
         return _ratio_rank(target.value, full)
     if target.criterion == "energy":
         return decompose.rank_for_energy(values(), target.value)
-    return max(1, max(decompose.evbmf(matrix).rank for matrix in vbmf_inputs()))
+    return max(vbmf())
 
 
 def _tucker_ranks(layer: _Layer, target: _Target) -> tuple[int, int]:
@@ -396,7 +504,29 @@ def _tucker_ranks(layer: _Layer, target: _Target) -> tuple[int, int]:
     if target.criterion == "energy":
         return tuple(decompose.rank_for_energy(decompose.singular_values(m), target.value)
                      for m in unfoldings)
-    return tuple(max(1, decompose.evbmf(m).rank) for m in unfoldings)
+    return tuple(vbmf_ranks(layer, unfoldings))
+
+
+def vbmf_ranks(layer: _Layer, matrices: list[np.ndarray], largest: bool = False) -> list[int]:
+    """Return the EVBMF rank of each of ``layer``'s ``matrices``, at least 1, for the ranks
+    that will be used: all of them, or with ``largest`` only the largest.
+
+    Warns when a used rank is 1. EVBMF keeps only singular values above the largest that
+    i.i.d. noise of the estimated variance would give, so rank 1 means a spectrum as flat as
+    a random matrix's (small trained layers often have one): such a layer needs energy or
+    ratio instead.
+    """
+    found = [decompose.evbmf(matrix).rank for matrix in matrices]
+    used = [max(found)] if largest else found
+    if min(used) <= 1:
+        name = layer.node.name
+        logger.warning(
+            "lowrank: VBMF finds %s component(s) above the noise level in layer '%s' (%s, "
+            "weight %s), so it gets rank 1: its singular values are as flat as a random "
+            "matrix's. Size it with energy=F or ratio=F instead, or with vbmf give it a ratio "
+            "with override=%s=R", "/".join(map(str, found)), name, layer.node.op,
+            list(layer.weight.shape), name)
+    return [max(1, rank) for rank in found]
 
 
 def _ratio_rank(ratio: float, full: int) -> int:

@@ -13,20 +13,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from graphcomp import decompose, executor
 from graphcomp.analysis import node_macs
 from graphcomp.errors import OptionError, PassError
 from graphcomp.frontends.torch_frontend import import_torch
 from graphcomp.ir import Constant, Graph, Node, Value
-from graphcomp.passes.lowrank import DecomposeLowRank, emit_chain, factorize, find_layers, fit_cp
-from graphcomp.passes.lowrank import _Target
-from graphcomp.patterns import Match, replace_match
+from graphcomp.layer_timing import LayerTimer, Timing, signature, standalone_graph
+from graphcomp.passes.lowrank import DecomposeLowRank, _Target, emit_chain, factorize
+from graphcomp.passes.lowrank import find_layers
 from graphcomp.pipeline import PassContext, PassManager, available_passes, parse_pipeline
 from graphcomp.serialize import format_graph
 from graphcomp.shapes import infer_node
 from graphcomp.verifier import verify_graph
+
+from graph_helpers import decompose_without_mac_check, run_lowrank
 
 TOLERANCE = 1e-5
 CP_CHAIN_TOLERANCE = 1e-4
@@ -76,30 +77,6 @@ def one_layer(op: str, x_shape, weight: np.ndarray, bias: np.ndarray | None = No
 def conv_attrs(strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), **extra) -> dict:
     return {"strides": list(strides), "pads": list(pads), "dilations": list(dilations),
             "groups": 1, **extra}
-
-
-def run_lowrank(graph: Graph, **options):
-    """Run the pass on a copy of ``graph``; return the copy and the PassResult."""
-    result_graph = graph.copy()
-    result = DecomposeLowRank(**options).run(result_graph, PassContext())
-    verify_graph(result_graph)
-    return result_graph, result
-
-
-def decompose_without_mac_check(graph: Graph, method: str, criterion: str, value) -> Graph:
-    """Replace every layer of a copy of ``graph`` by its chain, even when the chain has more
-    MACs (full rank never saves MACs, so the pass itself would leave the layer alone)."""
-    result = graph.copy()
-    target = _Target(criterion, value)
-    for layer in find_layers(result):
-        if method == "cp":
-            factors, _ = fit_cp(layer, target, max_rank=10**9)
-        else:
-            factors = factorize(layer, method, target)
-        nodes = emit_chain(result, layer, factors.cast(layer.node.inputs[1].dtype), "lowrank")
-        assert replace_match(result, Match(layer.node, [layer.node]), nodes)
-    verify_graph(result)
-    return result
 
 
 def feeds_for(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
@@ -239,106 +216,6 @@ def test_tucker2_recovers_a_known_multilinear_rank():
     assert decompose.relative_error(kernel, fit.reconstruct()) < 1e-12
     lower = decompose.tucker2(kernel, (3, 3))
     assert decompose.relative_error(kernel, lower.reconstruct()) > 1e-3
-
-
-# --- SVD keeps the bias ------------------------------------------------------------------------
-
-
-def bias_layers():
-    torch.manual_seed(0)
-    lin = nn.Linear(64, 48).eval()
-    with torch.no_grad():
-        lin.bias.uniform_(-2, 2)  # a large bias: dropping it is unmistakable
-    lin_nb = nn.Linear(64, 48, bias=False).eval()
-    x = torch.randn(8, 64)
-    return lin, lin_nb, x
-
-
-def svd_reference(lin: nn.Linear, x: torch.Tensor, rank: int) -> np.ndarray:
-    u, s, vh = torch.linalg.svd(lin.weight.detach().double(), full_matrices=False)
-    weight = (u[:, :rank] * s[:rank]) @ vh[:rank]
-    bias = lin.bias.detach().double() if lin.bias is not None else 0.0
-    return (x.double() @ weight.T + bias).numpy()
-
-
-def test_svd_chain_keeps_bias():
-    lin, _, x = bias_layers()
-    graph = import_torch(lin, (x,))
-    feeds = {graph.inputs[0].name: x.numpy()}
-
-    full = decompose_without_mac_check(graph, "svd", "rank", 48)
-    expected = lin(x).detach().numpy()
-    np.testing.assert_allclose(outputs(full, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
-
-    rank16, result = run_lowrank(graph, rank=16)
-    assert result.details["layers"][0]["ranks"] == [16]
-    np.testing.assert_allclose(outputs(rank16, feeds), svd_reference(lin, x, 16),
-                               rtol=TOLERANCE, atol=TOLERANCE)
-    zero = {graph.inputs[0].name: np.zeros_like(x.numpy())}
-    bias = lin.bias.detach().numpy()
-    np.testing.assert_array_equal(outputs(rank16, zero), np.broadcast_to(bias, (8, 48)))
-
-
-def test_svd_chain_without_bias():
-    _, lin_nb, x = bias_layers()
-    graph = import_torch(lin_nb, (x,))
-    result_graph, _ = run_lowrank(graph, rank=16)
-    assert ops(result_graph) == ["linear", "linear"]
-    assert [len(node.inputs) for node in result_graph.nodes] == [2, 2]
-    feeds = {graph.inputs[0].name: x.numpy()}
-    np.testing.assert_allclose(outputs(result_graph, feeds), svd_reference(lin_nb, x, 16),
-                               rtol=TOLERANCE, atol=TOLERANCE)
-
-
-# --- CP keeps stride, padding and dilation on the spatial factors -----------------------------
-
-
-def strided_conv_layers():
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 64, 11, stride=4, padding=2).eval()  # AlexNet conv1
-    x = torch.randn(1, 3, 224, 224)
-    conv2 = nn.Conv2d(16, 32, (3, 5), stride=2, padding=(2, 4), dilation=2).eval()
-    x2 = torch.randn(1, 16, 33, 40)
-    return [(conv, x, (1, 64, 55, 55)), (conv2, x2, (1, 32, 17, 20))]
-
-
-def effective_kernel(nodes: list[Node]) -> torch.Tensor:
-    """The dense kernel of a CP chain 1x1 -> (kH x 1, depthwise) -> (1 x kW, depthwise) -> 1x1."""
-    weights = [torch.from_numpy(node.inputs[1].data) for node in nodes]
-    first, vertical = weights[0][:, :, 0, 0], weights[1][:, 0, :, 0]
-    horizontal, last = weights[2][:, 0, 0, :], weights[3][:, :, 0, 0]
-    return torch.einsum("or,ri,rh,rw->oihw", last, first, vertical, horizontal)
-
-
-@pytest.mark.parametrize("index", [0, 1])
-def test_cp_strides_only_spatial_factors(index):
-    conv, x, expected_shape = strided_conv_layers()[index]
-    graph = import_torch(conv, (x,))
-    result_graph, result = run_lowrank(graph, method="cp", rank=8)
-    assert result.details["layers"][0]["method"] == "cp"
-    nodes = result_graph.nodes
-    assert [tuple(n.inputs[1].shape[2:]) for n in nodes] == [
-        (1, 1), (conv.kernel_size[0], 1), (1, conv.kernel_size[1]), (1, 1)]
-    for one_by_one in (nodes[0], nodes[3]):
-        assert one_by_one.attrs["strides"] == [1, 1]
-        assert one_by_one.attrs["pads"] == [0, 0, 0, 0]
-        assert one_by_one.attrs["dilations"] == [1, 1]
-    (stride_h, stride_w), (pad_h, pad_w) = conv.stride, conv.padding
-    dilation_h, dilation_w = conv.dilation
-    assert nodes[1].attrs["strides"] == [stride_h, 1]
-    assert nodes[1].attrs["pads"] == [pad_h, 0, pad_h, 0]
-    assert nodes[1].attrs["dilations"] == [dilation_h, 1]
-    assert nodes[2].attrs["strides"] == [1, stride_w]
-    assert nodes[2].attrs["pads"] == [0, pad_w, 0, pad_w]
-    assert nodes[2].attrs["dilations"] == [1, dilation_w]
-
-    feeds = {graph.inputs[0].name: x.numpy()}
-    actual = outputs(result_graph, feeds)
-    assert actual.shape == expected_shape
-    oracle = F.conv2d(x, effective_kernel(nodes), torch.from_numpy(nodes[3].inputs[2].data),
-                      conv.stride, conv.padding, conv.dilation).numpy()
-    scale = float(np.abs(oracle).max())
-    assert float(np.abs(actual - oracle).max()) <= CP_CHAIN_TOLERANCE * scale
 
 
 # --- shapes, MACs and details -------------------------------------------------------------------
@@ -490,6 +367,8 @@ def test_pipeline_text_words_and_options():
     ("lowrank:rank=4:override=conv1=0.5", "expected an integer rank"),
     ("lowrank:override=conv1=1.5", r"override 'conv1=1.5': ratio must be in \(0, 1\]"),
     ("lowrank:tucker3", "does not accept the word 'tucker3'"),
+    ("lowrank:measure=sometimes", "measure must be one of auto, true, false, got 'sometimes'"),
+    ("lowrank:min_speedup=0", "min_speedup must be a positive number, got 0.0"),
 ])
 def test_invalid_options_raise(text, message):
     with pytest.raises(OptionError, match=message):
@@ -536,6 +415,183 @@ def test_manager_wraps_rank_limit_error():
         PassManager("lowrank:rank=7").run(graph)
 
 
+# --- measured speed -----------------------------------------------------------------------------
+
+
+class FakeTimer:
+    """Stands in for LayerTimer: ``times`` maps a layer name to (layer ms, chain ms)."""
+
+    def __init__(self, times: dict[str, tuple[float, float]], unavailable: str | None = None):
+        self.times = times
+        self.unavailable = unavailable
+        self.compared: list[tuple[list[str], list[str]]] = []
+
+    def unavailable_reason(self) -> str | None:
+        return self.unavailable
+
+    def compare(self, first, second):
+        self.compared.append(([n.op for n in first], [n.op for n in second]))
+        layer_ms, chain_ms = self.times[first[0].name]
+        return Timing(layer_ms, False), Timing(chain_ms, False)
+
+
+def two_linear_graph() -> Graph:
+    # x[4,64] -> fc1 (64->64) -> relu -> fc2 (64->64) -> y
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    graph = import_torch(model, (torch.randn(4, 64),))
+    first, second = find_layers(graph)
+    first.node.name, second.node.name = "fc1", "fc2"
+    return graph
+
+
+def run_with_timer(graph: Graph, timer, target: str | None = "cpu", **options):
+    """Run the pass on a copy of ``graph`` with ``timer`` as its timer for ``cpu``."""
+    result_graph = graph.copy()
+    lowrank = DecomposeLowRank(**options)
+    lowrank.timers["cpu"] = timer
+    result = lowrank.run(result_graph, PassContext(target=target))
+    verify_graph(result_graph)
+    return result_graph, result
+
+
+def test_measured_speed_decides_which_chains_stay():
+    graph = two_linear_graph()
+    timer = FakeTimer({"fc1": (2.0, 1.0), "fc2": (1.0, 0.99)})
+    result_graph, result = run_with_timer(graph, timer, ratio=0.25)
+    assert timer.compared == [(["linear"], ["linear", "linear"])] * 2
+
+    kept, = result.details["layers"]
+    assert kept["layer"] == "fc1"
+    assert (kept["ms_before"], kept["ms_after"], kept["speedup"]) == (2.0, 1.0, 2.0)
+    assert kept["reason"] == "fewer MACs and speedup 2.00x on cpu (2 -> 1 ms)"
+    slower, = result.details["skipped"]
+    assert slower["layer"] == "fc2"
+    assert slower["macs_after"] < slower["macs_before"]
+    assert slower["reason"] == ("fewer MACs, but speedup 1.01x on cpu (1 -> 0.99 ms) is below "
+                                "min_speedup 1.05")
+    assert (result.details["fewer_macs"], result.details["not_faster"]) == (2, 1)
+    assert result.details["timed_on"] == "cpu"
+
+    # fc1 became a chain, fc2 is the original layer with its own weight.
+    assert [n.name for n in result_graph.nodes if n.op == "linear"] == [
+        "fc1.svd_in", "fc1", "fc2"]
+    fc2_weight = next(n for n in result_graph.nodes if n.name == "fc2").inputs[1]
+    assert np.array_equal(fc2_weight.data, find_layers(graph)[1].node.inputs[1].data)
+    expected = decompose_without_mac_check(graph, "svd", "ratio", 0.25)
+    only_fc1, _ = run_lowrank(graph, ratio=0.25, exclude="fc2")
+    assert format_graph(only_fc1) != format_graph(graph)
+    feeds = feeds_for(graph)
+    np.testing.assert_allclose(outputs(result_graph, feeds), outputs(only_fc1, feeds),
+                               rtol=TOLERANCE, atol=TOLERANCE)
+    assert not np.allclose(outputs(result_graph, feeds), outputs(expected, feeds))
+
+
+def test_timing_reports_progress():
+    graph = two_linear_graph()
+    lowrank = DecomposeLowRank(ratio=0.25)
+    lowrank.timers["cpu"] = FakeTimer({"fc1": (2.0, 1.0), "fc2": (2.0, 1.0)})
+    calls = []
+    ctx = PassContext(target="cpu", progress=lambda *args: calls.append(args))
+    lowrank.run(graph.copy(), ctx)
+    label = "timing layers on cpu"
+    assert calls == [(label, 0, 2), (label, 1, 2), (label, 2, 2)]
+
+
+def test_min_speedup_sets_the_margin():
+    graph = two_linear_graph()
+    timer = FakeTimer({"fc1": (2.0, 1.0), "fc2": (1.0, 0.99)})
+    _, strict = run_with_timer(graph, timer, ratio=0.25, min_speedup=2.5)
+    assert strict.details["decomposed"] == 0
+    _, loose = run_with_timer(graph, timer, ratio=0.25, min_speedup=1.0)
+    assert [r["layer"] for r in loose.details["layers"]] == ["fc1", "fc2"]
+
+
+@pytest.mark.parametrize("options, target, note", [
+    ({"measure": "false"}, "cpu", "measure=false: decided by MACs"),
+    ({}, None, "no target given: decided by MACs"),
+])
+def test_measure_off_decides_by_macs(options, target, note):
+    graph = two_linear_graph()
+    timer = FakeTimer({})
+    _, result = run_with_timer(graph, timer, target, ratio=0.25, **options)
+    assert timer.compared == []
+    assert result.details["decomposed"] == 2
+    assert result.details["timed_on"] is None
+    assert result.details["timing_note"] == note
+    assert all("ms_before" not in record for record in result.details["layers"])
+
+
+def test_measure_true_without_target_times_on_cpu():
+    timer = FakeTimer({"fc1": (1.0, 2.0), "fc2": (1.0, 2.0)})
+    _, result = run_with_timer(two_linear_graph(), timer, None, ratio=0.25, measure="true")
+    assert len(timer.compared) == 2
+    assert result.details["decomposed"] == 0
+    assert result.details["timed_on"] == "cpu"
+
+
+def test_untimeable_target_falls_back_to_macs(caplog):
+    timer = FakeTimer({}, unavailable="it was built for a CUDA GPU, and this host has none")
+    with caplog.at_level("WARNING", logger="graphcomp.passes.lowrank"):
+        _, result = run_with_timer(two_linear_graph(), timer, ratio=0.25, measure="true")
+    assert timer.compared == []
+    assert result.details["decomposed"] == 2
+    assert result.details["timed_on"] is None
+    assert "target 'cpu' cannot be timed here (it was built for a CUDA GPU" in (
+        result.details["timing_note"])
+    assert "cannot be timed here" in caplog.text
+
+
+def test_standalone_graph_computes_the_chain():
+    graph = two_linear_graph()
+    layer = find_layers(graph)[0]
+    factors = factorize(layer, "svd", _Target("rank", 8))
+    chain = emit_chain(graph, layer, factors.cast("float32"), "lowrank")
+    alone = standalone_graph(chain)
+    verify_graph(alone)
+    assert [v.shape for v in alone.inputs] == [(4, 64)]
+    assert [n.op for n in alone.nodes] == ["linear", "linear"]
+    assert alone.nodes[0].inputs[0] is not layer.node.inputs[0]  # a copy, not shared
+
+    x = normal(np.random.default_rng(3), 4, 64)
+    expected = x @ factors.cast("float32").reconstruct().T + layer.node.inputs[2].data
+    got = executor.run(alone, {alone.inputs[0].name: x})[alone.outputs[0].name]
+    np.testing.assert_allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE)
+    assert signature(chain) != signature([layer.node])
+
+
+@pytest.mark.slow
+def test_timer_builds_identical_layers_once(tmp_path):
+    tvm_backend = pytest.importorskip("graphcomp.backends.tvm")
+    graph = two_linear_graph()
+    timer = LayerTimer("cpu", repeat=3, tuning_db=tmp_path)  # an empty tuning database
+    _, result = run_with_timer(graph, timer, ratio=0.25)
+    # fc1 and fc2 have the same shapes and ranks: one layer build and one chain build.
+    assert timer.builds == 2
+    records = result.details["layers"] + result.details["skipped"]
+    assert sorted(r["layer"] for r in records) == ["fc1", "fc2"]
+    for record in records:
+        assert record["ms_before"] > 0
+        assert record["ms_after"] > 0
+        assert record["speedup"] == pytest.approx(record["ms_before"] / record["ms_after"])
+        kept = record in result.details["layers"]
+        assert kept == (record["speedup"] >= 1.05)
+        assert record["tuned"] is False
+    assert records[0]["ms_before"] == records[1]["ms_before"]  # the cached timing
+
+    # Another rank for fc2: the cached build of the layer, whose input has another name, is
+    # timed against a new chain.
+    result_graph, other_ranks = run_with_timer(graph, timer, ratio=0.25, override="fc2=0.375")
+    assert timer.builds == 3
+    records = other_ranks.details["layers"] + other_ranks.details["skipped"]
+    assert {r["layer"]: r["ranks"] for r in records} == {"fc1": [16], "fc2": [24]}
+
+    feeds = feeds_for(result_graph)
+    built = tvm_backend.build(result_graph, "cpu")
+    np.testing.assert_allclose(built.run(feeds)[result_graph.outputs[0].name],
+                               outputs(result_graph, feeds), rtol=TOLERANCE, atol=TOLERANCE)
+
+
 # --- VBMF ---------------------------------------------------------------------------------------
 
 
@@ -574,6 +630,72 @@ def test_vbmf_picks_tucker_ranks():
     _, result = run_lowrank(graph, vbmf=True)
     assert result.details["layers"][0]["ranks"] == [6, 4]
     assert result.details["layers"][0]["error"] < 0.01
+
+
+def evb_free_energy(noise_variance: float, values: np.ndarray, rows: int, columns: int) -> float:
+    """The EVBMF free energy in sigma^2 (Nakajima et al., JMLR 14, 2013, with L = ``rows``
+    <= M = ``columns``), written out per component as a reference for ``decompose.evbmf``."""
+    alpha = rows / columns
+    tau_bar = 2.5129 * np.sqrt(alpha)  # the paper's approximation of the threshold root
+    x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
+    total = 0.0
+    for value in values:
+        x = value ** 2 / (columns * noise_variance)
+        total += x - np.log(x)
+        if x > x_bar:
+            tau = 0.5 * (x - (1 + alpha) + np.sqrt((x - (1 + alpha)) ** 2 - 4 * alpha))
+            total += -tau + np.log(tau + 1) + alpha * np.log(tau / alpha + 1)
+    return total
+
+
+def test_vbmf_noise_variance_is_global_minimum():
+    rng = np.random.default_rng(18)
+    signal = rng.standard_normal((48, 6)) @ rng.standard_normal((6, 120))
+    matrix = signal + 0.7 * rng.standard_normal((48, 120))
+    values = np.linalg.svd(matrix, compute_uv=False)
+    result = decompose.evbmf(matrix)
+
+    grid = np.exp(np.linspace(np.log(1e-3), np.log(np.mean(matrix ** 2)), 4000))
+    energies = [evb_free_energy(v, values, 48, 120) for v in grid]
+    best = grid[int(np.argmin(energies))]
+    assert result.noise_variance == pytest.approx(best, rel=0.01)
+    assert evb_free_energy(result.noise_variance, values, 48, 120) <= min(energies) + 1e-6
+    assert result.rank == 6
+
+
+def test_vbmf_warns_when_spectrum_is_flat(caplog):
+    # A random kernel: no singular value of either unfolding is above the noise level.
+    rng = np.random.default_rng(19)
+    graph = one_layer("conv2d", (1, 8, 6, 6), normal(rng, 16, 8, 3, 3),
+                      **conv_attrs(pads=(1, 1, 1, 1)))
+    with caplog.at_level("WARNING", logger="graphcomp.passes.lowrank"):
+        _, result = run_lowrank(graph, vbmf=True)
+    assert result.details["layers"][0]["ranks"] == [1, 1]
+    assert "VBMF finds 0/0 component(s) above the noise level in layer 'layer'" in caplog.text
+    assert "override=layer=R" in caplog.text
+
+
+@pytest.mark.slow
+def test_vbmf_on_digits_cnn_finds_noise_like_spectra(caplog):
+    from graphcomp.models_io import load_model
+    from graphcomp.pipeline import DEFAULT_PIPELINE
+
+    graph = PassManager(DEFAULT_PIPELINE, verify=False).run(
+        load_model("zoo:digits-cnn").graph).graph
+    with caplog.at_level("WARNING", logger="graphcomp.passes.lowrank"):
+        _, result = run_lowrank(graph, vbmf=True, measure="false")
+    warned = set(re.findall(r"noise level in layer '(\w+)'", caplog.text))
+    assert warned == {"conv1", "conv2", "fc2"}
+    assert {r["layer"]: r["ranks"] for r in result.details["layers"]}["fc1"] == [10]
+
+    # conv2's largest singular value is no larger than the edge of the spectrum of a random
+    # matrix of its shape and entry variance (Marchenko-Pastur): there is nothing to keep.
+    conv2 = next(layer for layer in find_layers(graph) if layer.node.name == "conv2")
+    matrix = decompose.unfold(conv2.weight, 0)
+    rows, columns = matrix.shape
+    edge = np.sqrt(columns * np.mean(matrix ** 2)) * (1 + np.sqrt(rows / columns))
+    assert np.linalg.svd(matrix, compute_uv=False)[0] < 1.1 * edge
+    assert decompose.evbmf(matrix).rank == 0
 
 
 # --- exporters and backends ---------------------------------------------------------------------
