@@ -125,6 +125,7 @@ def compile_model(
             passes, verify=options.verify_passes, tolerance=options.tolerance,
             feeds=calibration.batches[0], dump_dir=options.dump_dir,
             calibration=calibration.batches[:CALIBRATION_BATCHES], target=options.target,
+            tuning_db=options.tuning_db,
             work_progress=work_progress, after_pass=trace.after_pass,
         )
         pipeline_report = manager.run(original)

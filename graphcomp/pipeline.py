@@ -84,6 +84,7 @@ class PassContext:
     calibration: Sequence[Mapping[str, np.ndarray]] | None = None
     target: str | None = None
     progress: Callable[[str, int, int], None] | None = None
+    tuning_db: Path | None = None  # tuning database folder for timing on the target
 
 
 class Pass:
@@ -454,7 +455,8 @@ class PassManager:
     pass (``00-input.txt``) and after each one (``01-fold-bn.txt``...). ``progress`` is called
     as each pass starts, with its name, its 0-based position and the number of passes.
     ``calibration`` (a list of feeds dicts) reaches passes as ``PassContext.calibration``,
-    and ``target`` (a named build target) as ``PassContext.target``. ``work_progress`` reaches
+    and ``target`` (a named build target) and ``tuning_db`` as ``PassContext.target`` and
+    ``PassContext.tuning_db``. ``work_progress`` reaches
     passes as ``PassContext.progress``.
     ``after_pass`` is called after each pass has been checked, with its record and the graph
     (which later passes go on changing: copy what must outlive the call).
@@ -473,6 +475,7 @@ class PassManager:
         calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
         work_progress: Callable[[str, int, int], None] | None = None,
         target: str | None = None,
+        tuning_db: Path | None = None,
         after_pass: Callable[[PassRecord, Graph], None] | None = None,
         check_contract: bool = True,
     ):
@@ -489,6 +492,7 @@ class PassManager:
         self.calibration = list(calibration) if calibration is not None else None
         self.work_progress = work_progress
         self.target = target
+        self.tuning_db = tuning_db
         self.after_pass = after_pass
         self.check_contract = check_contract
 
@@ -507,7 +511,7 @@ class PassManager:
             executor.check_feeds(graph, self.feeds)
         ctx = PassContext(feeds=self.feeds, tolerance=self.tolerance, log=logger,
                           calibration=self.calibration, target=self.target,
-                          progress=self.work_progress)
+                          progress=self.work_progress, tuning_db=self.tuning_db)
         reference = self._outputs(graph) if check_numbers else None
         self._dump(graph, 0, "input")
 

@@ -176,9 +176,10 @@ class DecomposeLowRank(Pass):
         if not 0.0 < self.config["min_speedup"] < float("inf"):
             raise OptionError(f"pass 'lowrank': min_speedup must be a positive number, got "
                               f"{self.config['min_speedup']}")
-        # Timers by target name. They cache builds and timings, so a pass object that runs on
-        # several graphs builds each distinct layer once. Tests put a fake timer here.
-        self.timers: dict[str, Any] = {}
+        # Timers by (target name, tuning database folder). They cache builds and timings, so
+        # a pass object that runs on several graphs builds each distinct layer once. Tests put
+        # a fake timer here.
+        self.timers: dict[tuple, Any] = {}
 
     @classmethod
     def parse_word(cls, word: str) -> dict[str, Any]:
@@ -200,7 +201,7 @@ class DecomposeLowRank(Pass):
         candidates = [layer for layer in layers if self._reason_to_skip(layer) is None]
         timing = _Timing(None, None, "no layer to decompose")
         if candidates:
-            timing = self._timing_for(ctx.target)
+            timing = self._timing_for(ctx.target, ctx.tuning_db)
         decomposed: list[dict[str, Any]] = []
         skipped: list[dict[str, Any]] = []
         # Timing builds every candidate layer and chain with TVM, which takes seconds each.
@@ -241,7 +242,7 @@ class DecomposeLowRank(Pass):
         }
         return PassResult(changed=bool(decomposed), details=details)
 
-    def _timing_for(self, target: str | None) -> "_Timing":
+    def _timing_for(self, target: str | None, tuning_db=None) -> "_Timing":
         """Return the timer that decides with measured speed, or a note why there is none."""
         mode = self.config["measure"]
         if mode == "false":
@@ -250,9 +251,9 @@ class DecomposeLowRank(Pass):
             if mode == "auto":
                 return _Timing(None, None, "no target given: decided by MACs")
             target = "cpu"
-        timer = self.timers.get(target)
+        timer = self.timers.get((target, tuning_db))
         if timer is None:
-            timer = self.timers[target] = LayerTimer(target)
+            timer = self.timers[(target, tuning_db)] = LayerTimer(target, tuning_db=tuning_db)
         reason = timer.unavailable_reason()
         if reason is None:
             return _Timing(timer, target, f"timed on {target}")

@@ -449,7 +449,7 @@ def run_with_timer(graph: Graph, timer, target: str | None = "cpu", **options):
     """Run the pass on a copy of ``graph`` with ``timer`` as its timer for ``cpu``."""
     result_graph = graph.copy()
     lowrank = DecomposeLowRank(**options)
-    lowrank.timers["cpu"] = timer
+    lowrank.timers[("cpu", None)] = timer
     result = lowrank.run(result_graph, PassContext(target=target))
     verify_graph(result_graph)
     return result_graph, result
@@ -490,7 +490,7 @@ def test_measured_speed_decides_which_chains_stay():
 def test_timing_reports_progress():
     graph = two_linear_graph()
     lowrank = DecomposeLowRank(ratio=0.25)
-    lowrank.timers["cpu"] = FakeTimer({"fc1": (2.0, 1.0), "fc2": (2.0, 1.0)})
+    lowrank.timers[("cpu", None)] = FakeTimer({"fc1": (2.0, 1.0), "fc2": (2.0, 1.0)})
     calls = []
     ctx = PassContext(target="cpu", progress=lambda *args: calls.append(args))
     lowrank.run(graph.copy(), ctx)
