@@ -37,6 +37,7 @@ from onnx import helper, numpy_helper
 from graphcomp import __version__
 from graphcomp.errors import BackendError, OptionError
 from graphcomp.ir import Constant, Graph, Node, Value
+from graphcomp.ops.quantized import matmul_multiplier
 from graphcomp.serialize import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -752,6 +753,71 @@ def convert_qconv2d(builder: OnnxBuilder, node: Node, inputs: list[str], outputs
     builder.add(node, "Relu", [real], [rectified], role="relu")
     builder.add(node, "QuantizeLinear", [rectified, params["y_scale"], params["y_zero_point"]],
                 outputs, role="quantize")
+
+
+@converts("qconv_transpose2d")
+def convert_qconv_transpose2d(builder: OnnxBuilder, node: Node, inputs: list[str],
+                              outputs: list[str]):
+    """QDQ form: DequantizeLinear on the input, weight (per channel, axis 1) and int32 bias,
+    a float ConvTranspose, then QuantizeLinear. ONNX has no integer transposed convolution,
+    so ONNX Runtime sums the products in float32: outputs that fall near a rounding boundary
+    can differ from the reference's exact integers by one step."""
+    attrs = node.attrs
+    params = _quantized_constants(builder, node)
+
+    def dequantize(role: str, args: list[str], **axis: int) -> str:
+        result = builder.temp(node, role)
+        builder.add(node, "DequantizeLinear", args, [result], role=role, **axis)
+        return result
+
+    x = dequantize("x_float", [inputs[0], params["x_scale"], params["x_zero_point"]])
+    w_zero_point = builder.constant(node, "w_zero_point",
+                                    np.zeros(node.inputs[1].shape[1], np.int8))
+    weight = dequantize("weight_float", [inputs[1], inputs[2], w_zero_point], axis=1)
+    conv_inputs = [x, weight]
+    if len(inputs) == 4:
+        bias_scale = builder.temp(node, "bias_scale")
+        builder.add(node, "Mul", [params["x_scale"], inputs[2]], [bias_scale], role="bias_scale")
+        conv_inputs.append(dequantize("bias_float", [inputs[3], bias_scale], axis=0))
+    conv_attrs = {
+        "kernel_shape": list(node.inputs[1].shape[2:]),
+        "strides": _ints(attrs.get("strides"), (1, 1)),
+        "pads": _ints(attrs.get("pads"), (0, 0, 0, 0)),
+        "dilations": _ints(attrs.get("dilations"), (1, 1)),
+        "output_padding": _ints(attrs.get("output_padding"), (0, 0)),
+    }
+    result = builder.temp(node, "conv")
+    builder.add(node, "ConvTranspose", conv_inputs, [result], role="conv", **conv_attrs)
+    if attrs.get("activation") == "relu":
+        # quantize(relu(v)) = max(quantize(v), y_zero_point): the saturation bound of the op.
+        rectified = builder.temp(node, "relu")
+        builder.add(node, "Relu", [result], [rectified], role="relu")
+        result = rectified
+    builder.add(node, "QuantizeLinear", [result, params["y_scale"], params["y_zero_point"]],
+                outputs, role="quantize")
+
+
+@converts("qmatmul")
+def convert_qmatmul(builder: OnnxBuilder, node: Node, inputs: list[str], outputs: list[str]):
+    """MatMulInteger with both zero points, then the reference's float32 requantization, so
+    ONNX Runtime computes the reference executor's integers."""
+    attrs = node.attrs
+    a_dtype, b_dtype = node.inputs[0].dtype, node.inputs[1].dtype
+    a_zero_point = builder.constant(node, "a_zero_point", attrs.get("a_zero_point", 0), a_dtype)
+    b_zero_point = builder.constant(node, "b_zero_point", attrs.get("b_zero_point", 0), b_dtype)
+    acc = builder.temp(node, "acc")
+    builder.add(node, "MatMulInteger", [inputs[0], inputs[1], a_zero_point, b_zero_point], [acc],
+                role="matmul")
+    real_acc = builder.temp(node, "acc_float")
+    builder.add(node, "Cast", [acc], [real_acc], role="cast", to=onnx_dtype("float32"))
+    multiplier = builder.constant(node, "multiplier", matmul_multiplier(attrs), "float32")
+    scaled = builder.temp(node, "scaled")
+    builder.add(node, "Mul", [real_acc, multiplier], [scaled], role="requantize")
+    # QuantizeLinear with scale 1 rounds half to even, adds the zero point and saturates.
+    one = builder.constant(node, "one", 1.0, "float32")
+    y_zero_point = builder.constant(node, "y_zero_point", attrs.get("y_zero_point", 0),
+                                    node.outputs[0].dtype)
+    builder.add(node, "QuantizeLinear", [scaled, one, y_zero_point], outputs)
 
 
 def _integer_matmul(builder: OnnxBuilder, node: Node, x: str, zero_point: str,

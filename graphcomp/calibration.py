@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from graphcomp.ops.quantized import QUANTIZED_RANGES
 logger = logging.getLogger(__name__)
 
 Feeds = Mapping[str, np.ndarray]
+# Called with a label, the graph runs done and the graph runs in total.
+ProgressFn = Callable[[str, int, int], None]
 
 # Symmetric int8 weights use [-127, 127], so that w and -w quantize to opposite integers.
 WEIGHT_MAX = 127
@@ -237,21 +239,27 @@ def graph_batches(graph: Graph, batches: Iterable[Feeds]) -> Iterator[dict[str, 
     """Yield feeds of the graph's input shapes, splitting a batch along dim 0 when it contains
     several of the graph's batches (16 rows for a graph of batch 1 give 16 feeds)."""
     for number, batch in enumerate(batches):
-        counts = {}
-        for value in graph.inputs:
-            if value.name not in batch:
-                raise ShapeError(f"calibration batch {number} has no array for graph input "
-                                 f"'{value.name}'; it has {sorted(batch)}")
-            counts[value.name] = _splits(value, np.shape(batch[value.name]), number)
-        if len(set(counts.values())) > 1:
-            raise ShapeError(f"calibration batch {number}: inputs hold different numbers of "
-                             f"the graph's batches: {counts}")
-        parts = next(iter(counts.values()), 1)
+        parts = batch_parts(graph, batch, number)
         for part in range(parts):
             yield {
                 value.name: _rows(np.asarray(batch[value.name]), value, part, parts)
                 for value in graph.inputs
             }
+
+
+def batch_parts(graph: Graph, batch: Feeds, number: int = 0) -> int:
+    """Return how many of the graph's batches ``batch`` contains. Raise ShapeError naming the
+    input when an input is missing or has another shape, or when the inputs disagree."""
+    counts = {}
+    for value in graph.inputs:
+        if value.name not in batch:
+            raise ShapeError(f"calibration batch {number} has no array for graph input "
+                             f"'{value.name}'; it has {sorted(batch)}")
+        counts[value.name] = _splits(value, np.shape(batch[value.name]), number)
+    if len(set(counts.values())) > 1:
+        raise ShapeError(f"calibration batch {number}: inputs hold different numbers of "
+                         f"the graph's batches: {counts}")
+    return next(iter(counts.values()), 1)
 
 
 def _splits(value: Value, shape: tuple[int, ...], number: int) -> int:
@@ -276,10 +284,14 @@ def _rows(array: np.ndarray, value: Value, part: int, parts: int) -> np.ndarray:
 
 
 def observe_ranges(graph: Graph, values: Sequence[Value], batches: Sequence[Feeds],
-                   observers: Mapping[str, Observer]) -> int:
+                   observers: Mapping[str, Observer], progress: ProgressFn | None = None) -> int:
     """Run ``graph`` on every batch and update ``observers[value.name]`` with each of
-    ``values``; return the number of graph runs. Only the observed values stay in memory."""
+    ``values``; return the number of graph runs. Only the observed values stay in memory.
+    ``progress`` is called before the first run and after each one."""
     probe = Graph(graph.name, graph.inputs, list(values), graph.nodes)
+    total = sum(batch_parts(graph, batch, number) for number, batch in enumerate(batches))
+    if progress is not None:
+        progress("calibrating", 0, total)
     runs = 0
     with torch.no_grad():
         for feeds in graph_batches(graph, batches):
@@ -290,4 +302,6 @@ def observe_ranges(graph: Graph, values: Sequence[Value], batches: Sequence[Feed
             for value in values:
                 observers[value.name].update(outputs[value].numpy())
             runs += 1
+            if progress is not None:
+                progress("calibrating", runs, total)
     return runs

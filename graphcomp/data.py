@@ -1,8 +1,15 @@
-"""Inputs for verification, calibration and benchmarks: seeded random feeds or a .npz dataset.
+"""Inputs for verification, calibration and benchmarks: seeded random feeds or a dataset.
 
-A dataset file contains one array per graph input, named after the input, whose first dim is the
-number of samples times the graph's batch size; an optional ``labels`` array (one integer per
-example) gives accuracy.
+A dataset is a .npz file or a folder of .npy files, with the same layout:
+
+- ``FILE.npz`` contains one array per graph input, named after the input.
+- ``DIR/`` contains ``NAME.npy`` for each graph input ``NAME``.
+
+Each input's array stacks the examples along its leading axis: its shape is N x the input's
+shape without its batch dim, with N a multiple of the graph's batch size (a graph of input
+shape 1x3x48x320 reads N x 3 x 48 x 320, cut into N batches of one). Every input must hold the
+same number of batches. An optional ``labels`` array (``labels.npy`` in a folder), one integer
+class per example, gives accuracy.
 """
 
 from __future__ import annotations
@@ -53,12 +60,19 @@ def random_feeds(graph: Graph, seed: int = 0, count: int = 2) -> Dataset:
 
 
 def load_dataset(path: str | Path, graph: Graph, max_samples: int | None = None) -> Dataset:
-    """Read a .npz dataset and split it into batches of the graph's input shapes."""
+    """Read a .npz file or a folder of .npy files and split it into batches of the graph's
+    input shapes."""
     path = Path(path)
-    arrays = _read_npz(path)
+    arrays = _read_npy_folder(path, graph) if path.is_dir() else _read_npz(path)
     labels = arrays.pop("labels", None)
     names = [v.name for v in graph.inputs]
     missing = [n for n in names if n not in arrays]
+    if missing and path.is_dir():
+        present = sorted(file.name for file in path.glob("*.npy")) or "no .npy files"
+        raise ShapeError(
+            f"{path}: missing file(s) {[f'{name}.npy' for name in missing]} for graph "
+            f"input(s); the folder has {present} (one NAME.npy per graph input {names})"
+        )
     if missing:
         raise ShapeError(
             f"{path}: missing array(s) {missing} for graph input(s); the file has "
@@ -126,6 +140,40 @@ def _check_labels(path: Path, labels: np.ndarray, used: int, arrays, graph: Grap
             "examples; give one label per example"
         )
     return labels[:used]
+
+
+def split_dataset(dataset: Dataset, first: int) -> tuple[Dataset, Dataset]:
+    """Split ``dataset`` into its first ``first`` batches and the rest, labels included."""
+    if not 0 <= first <= len(dataset.batches):
+        raise ValueError(f"cannot take {first} of {len(dataset.batches)} batches")
+    head, tail = dataset.batches[:first], dataset.batches[first:]
+    head_labels = tail_labels = None
+    if dataset.labels is not None:
+        per_batch = len(dataset.labels) // max(len(dataset.batches), 1)
+        head_labels = dataset.labels[:first * per_batch]
+        tail_labels = dataset.labels[first * per_batch:]
+    return (Dataset(head, head_labels, dataset.source),
+            Dataset(tail, tail_labels, dataset.source))
+
+
+def _read_npy_folder(path: Path, graph: Graph) -> dict[str, np.ndarray]:
+    """Read ``NAME.npy`` for each graph input (and ``labels.npy``) from the folder ``path``."""
+    files = {file.stem: file for file in sorted(path.glob("*.npy")) if file.is_file()}
+    arrays = {}
+    for name in [value.name for value in graph.inputs] + ["labels"]:
+        if name not in files:
+            continue
+        try:
+            arrays[name] = np.load(files[name], allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise GraphcompError(
+                f"{files[name]}: not a readable .npy file ({exc}); write it with "
+                "numpy.save(path, array)"
+            ) from None
+    unused = sorted(f"{name}.npy" for name in set(files) - set(arrays))
+    if unused:
+        log.warning("%s: ignoring file(s) %s that name no graph input", path, unused)
+    return arrays
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

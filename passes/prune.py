@@ -70,6 +70,7 @@ class PruneChannels(Pass):
     name = "prune"
     summary = "remove the least important channels, filters, attention heads and FFN neurons"
     lossless = False
+    requires = ("float",)  # the channel analysis does not cover quantized ops
     options = {
         "ratio": float, "global": bool, "criterion": str, "protect": str, "override": str,
         "round_to": int,
@@ -93,6 +94,9 @@ class PruneChannels(Pass):
                               f"{config['round_to']}")
         self.protected = parse_patterns(config["protect"])
         self.overrides = parse_overrides(config["override"])
+
+    def uses_calibration(self) -> bool:
+        return self.config["criterion"] == "taylor"  # scores come from the compile inputs
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         analysis = analyze_channels(graph)

@@ -1,4 +1,5 @@
-"""Post-training int8 quantization of conv2d and linear layers: static, dynamic, weight-only."""
+"""Post-training int8 quantization of convolutions, linear layers and attention matmuls:
+static, dynamic, weight-only."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 
 from graphcomp import executor
 from graphcomp.calibration import (
-    OBSERVERS, CalibrationError, Observer, QuantParams, activation_params, bias_safe_scales,
-    graph_batches, make_observer, observe_ranges, quantize_bias, quantize_weight, weight_scales,
+    OBSERVERS, CalibrationError, Observer, ProgressFn, QuantParams, activation_params,
+    bias_safe_scales, graph_batches, make_observer, observe_ranges, quantize_bias,
+    quantize_weight, weight_scales,
 )
 from graphcomp.errors import OptionError
 from graphcomp.ir import Constant, Graph, Node, Value
@@ -24,8 +26,11 @@ logger = logging.getLogger(__name__)
 MODES = ("int8", "dynamic", "weight-only")
 ACTIVATION_DTYPES = ("int8", "uint8")
 # Float op -> its int8 form in static mode.
-STATIC_OPS = {"conv2d": "qconv2d", "linear": "qlinear"}
-WEIGHT_ONLY_OPS = ("conv2d", "linear")
+STATIC_OPS = {"conv2d": "qconv2d", "linear": "qlinear", "conv_transpose2d": "qconv_transpose2d"}
+WEIGHT_ONLY_OPS = ("conv2d", "linear", "conv_transpose2d")
+# The weight axis of each layer's output channels, which get one scale each.
+WEIGHT_AXES = {"conv2d": 0, "linear": 0, "conv_transpose2d": 1}
+WEIGHT_RANKS = {"conv2d": 4, "linear": 2, "conv_transpose2d": 4}
 # Fused activations that static mode moves out of a layer into their own op (relu stays fused,
 # because it is a saturation bound in int8): activation -> (op, attrs).
 UNFUSED_ACTIVATIONS = {
@@ -53,7 +58,8 @@ class LayerSensitivity:
 class Quantize(Pass):
     """conv2d(x, W, b) -> dequantize(qconv2d(quantize(x), W_int8, w_scale, b_int32))
 
-    Replaces float conv2d and linear layers by int8 ones, in one of three modes:
+    Replaces float conv2d, conv_transpose2d and linear layers by int8 ones, in one of three
+    modes:
 
     - ``int8`` (static): int8 weights, symmetric per output channel, int32 bias, and
       activations per tensor, asymmetric, in uint8 (``activations=int8`` for int8). uint8 is
@@ -68,13 +74,19 @@ class Quantize(Pass):
       no range, and leaves the graph unchanged. A value read by several int8 layers is
       quantized once, and an int8 layer that feeds another passes its int8 output on
       directly, so dequantize nodes remain only where float ops read an output.
+      With ``matmul=true``, a matmul of two activations (attention's Q K^T and P V) becomes
+      ``qmatmul``: both operands and the product quantized per tensor, int32 accumulation.
+      It is off by default because one calibrated range must then fit attention scores that
+      vary from input to input. On PP-OCRv4 rec it changed the decoded text of 12 held-out
+      lines little (benchmarks/int8.py).
     - ``dynamic``: linear layers become ``dynamic_qlinear``, with int8 weights and inputs
       quantized at run time with one range per row (per token). That suits transformers,
       whose activation ranges vary per input. On all-MiniLM-L6-v2, per-row ranges raised the
       worst cosine similarity with float over 40 sentences from 0.9917 (one range per input)
       to 0.9980.
-    - ``weight-only``: conv2d and linear weights are stored as int8, and a ``dequantize`` node
-      in front of the float layer restores them: 4x smaller weights, float compute.
+    - ``weight-only``: conv2d, conv_transpose2d and linear weights are stored as int8, and a
+      ``dequantize`` node in front of the float layer restores them: 4x smaller weights, float
+      compute.
 
     In dynamic and weight-only modes, embedding tables are stored as int8 with a scale per
     row, and only the rows looked up are dequantized.
@@ -87,10 +99,10 @@ class Quantize(Pass):
     the layers. Do not run ``fold-constants`` after weight-only mode: it would compute the
     dequantized weights back into float constants.
 
-    Does not cover yet: conv_transpose2d, matmul with a constant operand, attention matmuls,
-    int8 versions of pooling, add and concat (they run in float between dequantize and
-    quantize), and a fused activation other than relu in static mode, which becomes its own
-    float op after the int8 layer.
+    Does not cover yet: grouped conv_transpose2d, matmul with a constant operand, int8
+    versions of pooling, add and concat (they run in float between dequantize and quantize),
+    and a fused activation other than relu in static mode, which becomes its own float op
+    after the int8 layer.
 
     Example (int8, calibrated on x = [[3.984375, 0]], which gives y = [[-2, 5.96875]]; the
     attributes of fc are left out below: x_scale=0.015625, x_zero_point=0, y_scale=0.03125,
@@ -107,13 +119,14 @@ class Quantize(Pass):
     name = "quantize"
     summary = "int8 post-training quantization: static (calibrated), dynamic or weight-only"
     lossless = False
+    invalidates = ("float",)
     options = {
         "mode": str, "calib": str, "percentile": float, "skip": str, "activations": str,
-        "sensitivity": bool,
+        "sensitivity": bool, "matmul": bool,
     }
     defaults = {
         "mode": "int8", "calib": "mse", "percentile": 99.99, "skip": "",
-        "activations": "uint8", "sensitivity": False,
+        "activations": "uint8", "sensitivity": False, "matmul": False,
     }
 
     def __init__(self, **options: Any):
@@ -132,6 +145,9 @@ class Quantize(Pass):
         if word in MODES:
             return {"mode": word}
         return super().parse_word(word)
+
+    def uses_calibration(self) -> bool:
+        return self.config["mode"] == "int8"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         mode = self.config["mode"]
@@ -153,7 +169,7 @@ class Quantize(Pass):
         """Return the layers and embedding tables to quantize and how many ``skip`` keeps
         float. Static mode leaves embedding tables alone."""
         mode = self.config["mode"]
-        ops = {"int8": tuple(STATIC_OPS), "dynamic": ("linear",),
+        ops = {"int8": static_ops(self.config["matmul"]), "dynamic": ("linear",),
                "weight-only": WEIGHT_ONLY_OPS}[mode]
         layers = quantizable_layers(graph, ops)
         tables = embedding_layers(graph) if mode != "int8" else []
@@ -168,7 +184,7 @@ class Quantize(Pass):
         batches = calibration_batches(ctx, layers)
         calibration = StaticCalibration.run(
             graph, layers, batches, self.config["calib"], self.config["percentile"],
-            self.config["activations"],
+            self.config["activations"], ctx.progress,
         )
         details: dict[str, Any] = {
             "calibration": self.config["calib"], "calibration_runs": calibration.runs,
@@ -189,6 +205,16 @@ class Quantize(Pass):
         details["dequantize_removed"] = rewriter.remove_unused_dequantize()
         _replace_contents(graph, quantized)
         return details
+
+
+def static_ops(matmul: bool) -> tuple[str, ...]:
+    """Return the float ops that static int8 mode quantizes."""
+    return (*STATIC_OPS, "matmul") if matmul else tuple(STATIC_OPS)
+
+
+def activation_inputs(layer: Node) -> list[Value]:
+    """Return the inputs of ``layer`` that are activations, quantized per tensor."""
+    return list(layer.inputs[:2]) if layer.op == "matmul" else [layer.inputs[0]]
 
 
 def _check_choice(option: str, value: str, choices: Sequence[str]) -> None:
@@ -233,20 +259,35 @@ def _float_constant(value: Value | None, rank: int | None = None) -> bool:
 
 def quantizable_layers(graph: Graph, ops: Sequence[str]) -> list[Node]:
     """Return the nodes of ``ops`` with a float32 input, a constant float32 weight and a
-    constant (or no) bias, in graph order. Other layers stay float, with a debug log."""
-    ranks = {"conv2d": 4, "linear": 2}
+    constant (or no) bias, and the matmuls of two float32 activations of rank 2 or more, in
+    graph order. Other layers stay float, with a debug log."""
     layers = []
     for node in graph.nodes:
         if node.op not in ops:
             continue
-        bias = node.inputs[2] if len(node.inputs) == 3 else None
-        if (node.inputs[0].dtype == "float32" and _float_constant(node.inputs[1], ranks[node.op])
-                and (bias is None or _float_constant(bias, 1))):
+        if node.op == "matmul":
+            usable = all(value.dtype == "float32" and value.rank >= 2
+                         and not isinstance(value, Constant) for value in node.inputs)
+            reason = "it needs two float32 activations of rank 2 or more"
+        else:
+            bias = node.inputs[2] if len(node.inputs) == 3 else None
+            usable = (node.inputs[0].dtype == "float32"
+                      and _float_constant(node.inputs[1], WEIGHT_RANKS[node.op])
+                      and (bias is None or _float_constant(bias, 1))
+                      and not _grouped_transpose(node))
+            reason = ("it needs a float32 input and constant float32 weight and bias, and "
+                      "groups=1 for conv_transpose2d")
+        if usable:
             layers.append(node)
         else:
-            logger.debug("layer '%s' (%s) stays float: it needs a float32 input and constant "
-                         "float32 weight and bias", node.name, node.op)
+            logger.debug("layer '%s' (%s) stays float: %s", node.name, node.op, reason)
     return layers
+
+
+def _grouped_transpose(node: Node) -> bool:
+    # A grouped transposed convolution has O/groups weight channels on axis 1 for O output
+    # channels, so its per-output-channel scales would not follow one weight axis.
+    return node.op == "conv_transpose2d" and int(node.attrs.get("groups", 1)) != 1
 
 
 def _quantized_weight(graph: Graph, layer: Node,
@@ -254,10 +295,12 @@ def _quantized_weight(graph: Graph, layer: Node,
     """Return int8 weight and float32 per-output-channel scale constants, and the scales.
     Given the input scale, the weight scales leave room for the layer's int32 bias."""
     weight = layer.inputs[1].data
-    scales = weight_scales(weight, axis=0)
+    axis = WEIGHT_AXES[layer.op]
+    scales = weight_scales(weight, axis=axis)
     if x_scale is not None and len(layer.inputs) == 3:
         scales = bias_safe_scales(scales, layer.inputs[2].data, x_scale)
-    weight_q = new_constant(graph, f"{layer.name}.weight_q", quantize_weight(weight, scales))
+    weight_q = new_constant(graph, f"{layer.name}.weight_q",
+                            quantize_weight(weight, scales, axis))
     return weight_q, new_constant(graph, f"{layer.name}.w_scale", scales), scales
 
 
@@ -323,7 +366,8 @@ def quantize_weights_only(graph: Graph, layers: Sequence[Node], created_by: str)
                                       np.zeros(scales.shape, np.int8))
             value = Value(graph.unique_name(f"{weight.name}_dequantized"), weight.shape)
             node = Node(graph.unique_name(f"{layer.name}.weight_dequantize"), "dequantize",
-                        [weight_q, w_scale, zero_point], [value], {"axis": 0}, created_by)
+                        [weight_q, w_scale, zero_point], [value],
+                        {"axis": WEIGHT_AXES[layer.op]}, created_by)
             graph.insert_before(layer, [node])
             dequantized[id(weight)] = value
         layer.inputs[1] = dequantized[id(weight)]
@@ -345,7 +389,7 @@ def calibration_batches(ctx: PassContext, layers: Sequence[Node]) -> list[Mappin
     if batches:
         return batches
     names = list(dict.fromkeys(
-        value.name for layer in layers for value in (layer.inputs[0], layer.outputs[0])
+        value.name for layer in layers for value in (*activation_inputs(layer), layer.outputs[0])
     ))
     shown = ", ".join(f"'{name}'" for name in names[:MAX_NAMES_SHOWN])
     if len(names) > MAX_NAMES_SHOWN:
@@ -391,16 +435,18 @@ class StaticCalibration:
 
     @classmethod
     def run(cls, graph: Graph, layers: Sequence[Node], batches: Sequence[Mapping[str, Any]],
-            method: str, percentile: float, dtype: str) -> "StaticCalibration":
+            method: str, percentile: float, dtype: str,
+            progress: ProgressFn | None = None) -> "StaticCalibration":
         """Copy ``graph``, unfuse activations other than relu from ``layers`` and observe the
-        ranges of their inputs and outputs over ``batches``."""
+        ranges of their activation inputs and outputs over ``batches``."""
         positions = [graph.nodes.index(layer) for layer in layers]
         working = graph.copy()
         targets = [working.nodes[position] for position in positions]
         unfused = unfuse_activations(working, targets, Quantize.name)
-        values = list({id(v): v for t in targets for v in (t.inputs[0], t.outputs[0])}.values())
+        values = list({id(v): v for t in targets
+                       for v in (*activation_inputs(t), t.outputs[0])}.values())
         observers = {value.name: make_observer(method, percentile, dtype) for value in values}
-        runs = observe_ranges(working, values, batches, observers)
+        runs = observe_ranges(working, values, batches, observers, progress)
         params = {name: _params_from(name, observer, dtype) for name, observer in observers.items()}
         positions = [working.nodes.index(target) for target in targets]
         return cls(working, positions, params, runs, unfused)
@@ -442,13 +488,13 @@ def _outputs(graph: Graph, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
 def sensitivity(graph: Graph, feeds: Mapping[str, np.ndarray],
                 calibration: Sequence[Mapping[str, np.ndarray]] | None = None, *,
                 calib: str = "mse", percentile: float = 99.99, activations: str = "uint8",
-                skip: str = "") -> list[LayerSensitivity]:
+                skip: str = "", matmul: bool = False) -> list[LayerSensitivity]:
     """Return, for each layer that static int8 mode would quantize, the graph-output error
     on ``feeds`` when only that layer is int8, largest first. Calibrates on ``calibration``
     (default: ``feeds``); ``graph`` is not changed."""
     options = Quantize(calib=calib, percentile=percentile, activations=activations, skip=skip)
     patterns = parse_patterns(skip)
-    layers = quantizable_layers(graph, tuple(STATIC_OPS))
+    layers = quantizable_layers(graph, static_ops(matmul))
     check_patterns_match(graph, layers, patterns)
     chosen = [layer for layer in layers if not _skipped(layer, patterns)]
     ctx = PassContext(feeds=dict(feeds), calibration=calibration)
@@ -475,6 +521,9 @@ class StaticRewriter:
         self.dequantize_nodes: list[Node] = []
 
     def quantize_layer(self, layer: Node) -> None:
+        if layer.op == "matmul":
+            self._quantize_matmul(layer)
+            return
         graph = self.graph
         x, y = layer.inputs[0], layer.outputs[0]
         x_params, y_params = self.params[x.name], self.params[y.name]
@@ -489,8 +538,26 @@ class StaticRewriter:
                      y_scale=y_params.scale, y_zero_point=y_params.zero_point)
         if layer.attrs.get("activation") == "relu":
             attrs["activation"] = "relu"
+        self._replace(layer, STATIC_OPS[layer.op], inputs, attrs)
+
+    def _quantize_matmul(self, layer: Node) -> None:
+        """matmul(a, b) -> dequantize(qmatmul(quantize(a), quantize(b)))"""
+        a, b = layer.inputs
+        a_params, b_params = self.params[a.name], self.params[b.name]
+        y_params = self.params[layer.outputs[0].name]
+        inputs = [self._quantized_input(a, layer), self._quantized_input(b, layer)]
+        attrs = {"a_scale": a_params.scale, "a_zero_point": a_params.zero_point,
+                 "b_scale": b_params.scale, "b_zero_point": b_params.zero_point,
+                 "y_scale": y_params.scale, "y_zero_point": y_params.zero_point}
+        self._replace(layer, "qmatmul", inputs, attrs)
+
+    def _replace(self, layer: Node, op: str, inputs: list[Value], attrs: dict[str, Any]) -> None:
+        """Replace ``layer`` by the int8 node ``op`` followed by a dequantize of its output."""
+        graph = self.graph
+        y = layer.outputs[0]
+        y_params = self.params[y.name]
         y_q = Value(graph.unique_name(f"{y.name}_q"), y.shape, y_params.dtype)
-        int8_layer = Node(layer.name, STATIC_OPS[layer.op], inputs, [y_q], attrs, self.created_by)
+        int8_layer = Node(layer.name, op, inputs, [y_q], attrs, self.created_by)
         dequantize = self._param_node("dequantize", f"{layer.name}.dequantize",
                                       f"{layer.name}.y_", y_q, y, y_params)
         index = graph.nodes.index(layer)

@@ -297,6 +297,20 @@ def quantized_cases() -> list[OpCase]:
                [("x", normal(2, 3, 40) * uniform(0.1, 5.0, 2, 3, 1)),
                 ("@w", int8s(7, 40, low=-127)), ("@w_scale", uniform(0.002, 0.02, 7)),
                 ("@b", normal(7))], {"per_row": True, "activation": "relu"}),
+        # The QDQ export sums dequantized products in float. Power-of-two scales make those
+        # sums exact, so the export must equal the reference's integers here.
+        OpCase("qconv_transpose2d_relu_uint8", "qconv_transpose2d",
+               [("x", int8s(1, 4, 5, 4, low=0, high=255, dtype=np.uint8)),
+                ("@w", int8s(4, 3, 3, 3, low=-127)),
+                ("@w_scale", np.float32(2.0) ** -RNG.integers(6, 9, 3).astype(np.float32)),
+                ("@b", RNG.integers(-3000, 3000, 3).astype(np.int32))],
+               {"x_scale": 0.0625, "x_zero_point": 120, "y_scale": 0.5, "y_zero_point": 100,
+                "strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0],
+                "activation": "relu"}),
+        OpCase("qmatmul_broadcast", "qmatmul",
+               [("a", int8s(2, 3, 4, 9, low=0, high=255, dtype=np.uint8)), ("b", int8s(3, 9, 5))],
+               {"a_scale": 0.03, "a_zero_point": 130, "b_scale": 0.05, "b_zero_point": -4,
+                "y_scale": 0.7, "y_zero_point": 90}),
     ]
 
 

@@ -320,6 +320,16 @@ def quantized_cases() -> list[Case]:
         Case("dynamic_qlinear", "per_row",
              [feed(randn(2, 3, 40) * uniform(0.1, 5.0, 2, 3, 1)), int8s(7, 40, low=-127),
               uniform(0.002, 0.02, 7), randn(7)], {"per_row": True}),
+        Case("qconv_transpose2d", "stride_pads_zero_point",
+             [feed(int8s(1, 4, 5, 4, low=0, high=255, dtype=np.uint8)),
+              int8s(4, 3, 3, 3, low=-127), uniform(0.002, 0.02, 3),
+              RNG.integers(-3000, 3000, 3).astype(np.int32)],
+             {"x_scale": 0.03, "x_zero_point": 120, "y_scale": 0.3, "y_zero_point": 100,
+              "strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]}),
+        Case("qmatmul", "broadcast_zero_points",
+             [feed(int8s(2, 3, 4, 9, low=0, high=255, dtype=np.uint8)), feed(int8s(3, 9, 5))],
+             {"a_scale": 0.03, "a_zero_point": 130, "b_scale": 0.05, "b_zero_point": -4,
+              "y_scale": 0.7, "y_zero_point": 90}),
     ]
 
 

@@ -8,6 +8,7 @@ are stated at each assert.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -21,16 +22,19 @@ from graphcomp import executor
 from graphcomp.analysis import graph_stats
 from graphcomp.backends.onnx_export import to_onnx
 from graphcomp.calibration import (
-    CalibrationError, MinMaxObserver, MseObserver, PercentileObserver, activation_params,
+    MinMaxObserver, MseObserver, PercentileObserver, activation_params,
     quantize_weight, weight_scales,
 )
-from graphcomp.errors import OptionError, PassError
+from graphcomp.compiler import split_calibration
+from graphcomp.data import Dataset, load_dataset, random_feeds
+from graphcomp.errors import GraphcompError, OptionError, PassError, ShapeError
 from graphcomp.frontends.torch_frontend import import_torch
 from graphcomp.ir import Constant, Graph, Node, Value
 from graphcomp.models import digits_cnn
-from graphcomp.passes.quantize import Quantize, sensitivity
+from graphcomp.ops.quantized import QUANTIZED_RANGES
+from graphcomp.passes.quantize import sensitivity
 from graphcomp.pipeline import (
-    DEFAULT_PIPELINE, PassContext, PassManager, available_passes, output_error,
+    DEFAULT_PIPELINE, PassContext, PassManager, available_passes, output_error, parse_pipeline,
 )
 from graphcomp.serialize import format_graph
 from graphcomp.shapes import infer_shapes
@@ -488,80 +492,6 @@ def test_weight_only_is_four_times_smaller():
     np.testing.assert_allclose(run_ort(result, feeds)[0], actual, rtol=1e-5, atol=1e-5)
 
 
-# --- cases from public bug reports ------------------------------------------------------------
-
-
-def depthwise_model():
-    """Depthwise 3x3 whose filters' ranges span 1000x (as after batch-norm folding)."""
-    torch.manual_seed(0)
-    dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
-    with torch.no_grad():
-        dw.weight.mul_(torch.logspace(-3, 0, 16).view(16, 1, 1, 1))
-    model = nn.Sequential(dw, nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
-    return model, torch.randn(4, 16, 8, 8)
-
-
-def per_channel_relative_error(restored: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    flat, restored_flat = weight.reshape(len(weight), -1), restored.reshape(len(weight), -1)
-    return np.linalg.norm(restored_flat - flat, axis=1) / np.linalg.norm(flat, axis=1)
-
-
-def test_depthwise_per_channel_scales():
-    model, x = depthwise_model()
-    weight = model[0].weight.detach().numpy()
-    # Per-tensor int8 (one scale for all filters) zeroes the smallest filters.
-    per_tensor_scale = np.abs(weight).max() / 127
-    per_tensor = np.clip(np.round(weight / per_tensor_scale), -127, 127) * per_tensor_scale
-    assert np.sum(np.abs(per_tensor).reshape(16, -1).sum(axis=1) == 0) >= 1
-
-    graph = import_torch(model, (x,))
-    result = quantized(graph, DEFAULT_PIPELINE + ",quantize:int8",
-                       calibration=[{"input": x.numpy()}])
-    depthwise = next(n for n in result.nodes if n.op == "qconv2d" and n.attrs["groups"] == 16)
-    weight_q, w_scale = depthwise.inputs[1].data, depthwise.inputs[2].data
-    restored = weight_q.astype(np.float32) * w_scale[:, None, None, None]
-    errors = per_channel_relative_error(restored, weight)
-    assert errors.max() < 0.01
-    assert np.all(np.abs(weight_q).reshape(16, -1).sum(axis=1) > 0)
-    assert np.all(w_scale > 0)
-    expected = model(x).detach().numpy()
-    assert output_error([expected], [executor.run(result, {"input": x.numpy()})["output"]]) < 0.05
-
-
-def linear_5x5():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 5)).eval()
-    x = torch.rand(1, 5)
-    return model, x, import_torch(model, (x,))
-
-
-def test_no_calibration_raises_naming_tensors():
-    _, _, graph = linear_5x5()
-    with pytest.raises(PassError, match="tensors have no range: 'input', 'output'"):
-        PassManager("quantize:int8").run(graph)
-    with pytest.raises(PassError, match="zero calibration batches were given"):
-        PassManager("quantize:int8", calibration=[]).run(graph)
-
-
-def test_no_calibration_leaves_graph_unchanged():
-    _, _, graph = linear_5x5()
-    before = ops_of(graph)
-    with pytest.raises(CalibrationError, match="needs calibration data"):
-        Quantize(mode="int8").run(graph, PassContext())
-    assert ops_of(graph) == before
-
-
-def test_calibrated_linear_within_tolerance():
-    model, x, graph = linear_5x5()
-    torch.manual_seed(1)
-    calibration = [{"input": torch.rand(16, 5).numpy()} for _ in range(4)]
-    result = quantized(graph, "quantize:int8", calibration=calibration)
-    expected = model(x).detach().numpy()
-    actual = executor.run(result, {"input": x.numpy()})["output"]
-    assert np.abs(actual - expected).max() <= 0.05
-    assert np.any(actual != 0)
-
-
 # --- digits CNN -------------------------------------------------------------------------------
 
 
@@ -595,3 +525,362 @@ def test_digits_int8_accuracy_and_size():
     assert abs(int8_accuracy - float_accuracy) <= 0.5
     ratio = graph_stats(float_graph).bytes / graph_stats(int8_graph).bytes
     assert 3.7 < ratio <= 4.0
+
+
+# --- qconv_transpose2d and qmatmul ------------------------------------------------------------
+
+
+def qconv_transpose_case(seed: int, activation: str | None = None, dtype: str = "uint8"):
+    """x uint8 [1,4,5,6] -> qconv_transpose2d(stride 2, uneven pads, output padding) -> [1,3,..]"""
+    rng = np.random.default_rng(seed)
+    low, high = (0, 256) if dtype == "uint8" else (-128, 128)
+    x = rng.integers(low, high, (1, 4, 5, 6)).astype(dtype)
+    weight = rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    w_scale = rng.uniform(0.001, 0.01, 3).astype(np.float32)
+    bias = rng.integers(-4000, 4000, 3).astype(np.int32)
+    attrs = {"x_scale": float(np.float32(rng.uniform(0.01, 0.1))),
+             "x_zero_point": int(rng.integers(low + 20, high - 20)),
+             "y_scale": float(np.float32(rng.uniform(0.05, 0.5))),
+             "y_zero_point": int(rng.integers(low + 10, high - 10)), "strides": [2, 2],
+             "pads": [1, 0, 1, 1], "output_padding": [1, 1]}
+    if activation:
+        attrs["activation"] = activation
+    inputs = [Value("x", x.shape, dtype), Constant("w", weight), Constant("w_scale", w_scale),
+              Constant("bias", bias)]
+    return one_node_graph("qconv_transpose2d", inputs, attrs, dtype), {"x": x}
+
+
+def numpy_qconv_transpose2d(graph: Graph, x: np.ndarray) -> np.ndarray:
+    """The documented arithmetic: scatter each input element times the kernel, in int64."""
+    node = graph.nodes[0]
+    weight, w_scale, bias = (v.data for v in node.inputs[1:])
+    attrs = node.attrs
+    top, left, bottom, right = attrs["pads"]
+    centered = x.astype(np.int64) - attrs["x_zero_point"]
+    _, channels, height, width = x.shape
+    out_c, kernel = weight.shape[1], weight.shape[2]
+    full = np.zeros((out_c, (height - 1) * 2 + kernel + 1, (width - 1) * 2 + kernel + 1),
+                    np.int64)
+    for c in range(channels):
+        for i in range(height):
+            for j in range(width):
+                full[:, 2 * i:2 * i + kernel, 2 * j:2 * j + kernel] += (
+                    centered[0, c, i, j] * weight[c].astype(np.int64))
+    acc = full[:, top:full.shape[1] - bottom, left:full.shape[2] - right] + bias[:, None, None]
+    multiplier = np.float32(attrs["x_scale"]) * w_scale / np.float32(attrs["y_scale"])
+    scaled = acc.astype(np.float32) * multiplier[:, None, None]
+    low, high = QUANTIZED_RANGES[str(x.dtype)]
+    if attrs.get("activation") == "relu":
+        low = attrs["y_zero_point"]
+    return np.clip(np.round(scaled) + attrs["y_zero_point"], low, high).astype(x.dtype)[None]
+
+
+@pytest.mark.parametrize("seed,activation,dtype", [(0, None, "uint8"), (1, "relu", "int8")])
+def test_qconv_transpose2d_reference_matches_integer_math(seed, activation, dtype):
+    graph, feeds = qconv_transpose_case(seed, activation, dtype)
+    expected = numpy_qconv_transpose2d(graph, feeds["x"])
+    actual = executor.run(graph, feeds)["y"]
+    assert actual.shape == (1, 3, 10, 13)
+    assert len(np.unique(expected)) > 20  # a spread of values, not a saturated block
+    np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("seed,activation,dtype", [(2, None, "uint8"), (3, "relu", "uint8"),
+                                                   (4, None, "int8")])
+def test_qconv_transpose2d_reference_equals_tvm_bit_for_bit(seed, activation, dtype):
+    pytest.importorskip("tvm")
+    from graphcomp.backends.tvm import build, lower_to_relax
+
+    graph, feeds = qconv_transpose_case(seed, activation, dtype)
+    text = str(lower_to_relax(graph))
+    assert f'R.nn.conv2d_transpose(x, ' in text  # the int8 input itself, not a float copy
+    assert 'out_dtype="int32"' in text
+    expected = executor.run(graph, feeds)["y"]
+    actual = build(graph, "cpu").run(feeds)["y"]
+    assert actual.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_qconv_transpose2d_onnx_within_one_step():
+    graph, feeds = qconv_transpose_case(5, "relu")
+    expected = executor.run(graph, feeds)["y"].astype(np.int32)
+    actual = run_ort(graph, feeds)[0].astype(np.int32)
+    # ONNX Runtime sums the dequantized products in float32 (the QDQ form has no integer
+    # transposed convolution), so an output next to a rounding boundary may move one step.
+    assert np.abs(actual - expected).max() <= 1
+    assert np.mean(actual != expected) < 0.02
+
+
+def qmatmul_case(seed: int, a_dtype: str = "uint8", b_dtype: str = "uint8"):
+    """a [2,3,5,7] @ b [3,7,4] (b broadcast over the leading batch dim) -> [2,3,5,4]"""
+    rng = np.random.default_rng(seed)
+
+    def draw(dtype, shape):
+        low, high = QUANTIZED_RANGES[dtype]
+        return rng.integers(low, high + 1, shape).astype(dtype)
+
+    a, b = draw(a_dtype, (2, 3, 5, 7)), draw(b_dtype, (3, 7, 4))
+    attrs = {"a_scale": float(np.float32(rng.uniform(0.01, 0.1))),
+             "a_zero_point": int(rng.integers(*QUANTIZED_RANGES[a_dtype])),
+             "b_scale": float(np.float32(rng.uniform(0.01, 0.1))),
+             "b_zero_point": int(rng.integers(*QUANTIZED_RANGES[b_dtype])),
+             "y_scale": float(np.float32(rng.uniform(0.5, 2.0))),
+             "y_zero_point": int(rng.integers(*QUANTIZED_RANGES[a_dtype]))}
+    inputs = [Value("a", a.shape, a_dtype), Value("b", b.shape, b_dtype)]
+    return one_node_graph("qmatmul", inputs, attrs, a_dtype), {"a": a, "b": b}
+
+
+def numpy_qmatmul(graph: Graph, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    attrs = graph.nodes[0].attrs
+    a_centered = a.astype(np.int64) - attrs["a_zero_point"]
+    acc = a_centered @ (b.astype(np.int64) - attrs["b_zero_point"])
+    multiplier = (np.float32(attrs["a_scale"]) * np.float32(attrs["b_scale"])
+                  / np.float32(attrs["y_scale"]))
+    low, high = QUANTIZED_RANGES[str(a.dtype)]
+    scaled = acc.astype(np.float32) * multiplier
+    return np.clip(np.round(scaled) + attrs["y_zero_point"], low, high).astype(a.dtype)
+
+
+@pytest.mark.parametrize("seed,a_dtype,b_dtype", [(0, "uint8", "uint8"), (1, "int8", "int8"),
+                                                  (2, "uint8", "int8")])
+def test_qmatmul_reference_tvm_and_onnx_agree(seed, a_dtype, b_dtype):
+    graph, feeds = qmatmul_case(seed, a_dtype, b_dtype)
+    expected = numpy_qmatmul(graph, feeds["a"], feeds["b"])
+    assert len(np.unique(expected)) > 20
+    np.testing.assert_array_equal(executor.run(graph, feeds)["y"], expected)
+    np.testing.assert_array_equal(run_ort(graph, feeds)[0], expected)
+    pytest.importorskip("tvm")
+    from graphcomp.backends.tvm import build, lower_to_relax
+
+    assert 'R.matmul(a, b, out_dtype="int32")' in str(lower_to_relax(graph))
+    np.testing.assert_array_equal(build(graph, "cpu").run(feeds)["y"], expected)
+
+
+def test_qmatmul_rejects_rank_one():
+    inputs = [Value("a", (7,), "uint8"), Value("b", (7, 4), "uint8")]
+    attrs = {"a_scale": 0.1, "b_scale": 0.1, "y_scale": 1.0}
+    with pytest.raises(ShapeError, match="qmatmul 'qmatmul': inputs must have rank 2 or more"):
+        one_node_graph("qmatmul", inputs, attrs, "uint8")
+
+
+def decoder_block() -> tuple[Graph, nn.Module]:
+    """conv(3->8, relu) -> conv_transpose(8->4, stride 2, relu) -> conv_transpose(4->2)"""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(),
+        nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1),
+    ).eval()
+    graph = import_torch(model, (torch.randn(2, 3, 8, 8),))
+    return PassManager(DEFAULT_PIPELINE).run(graph).graph, model
+
+
+def test_static_int8_conv_transpose_end_to_end():
+    graph, _ = decoder_block()
+    assert "conv_transpose2d" in ops_of(graph)
+    result = quantized(graph, "quantize:int8", calibration=cnn_batches(6))
+    assert ops_of(result) == ["quantize", "qconv2d", "qconv_transpose2d", "qconv_transpose2d",
+                              "dequantize"]
+    layer = result.nodes[2]
+    assert layer.inputs[2].shape == (4,)  # one scale per output channel (weight axis 1)
+    feeds = cnn_feeds()
+    expected = executor.run(graph, feeds)["output"]
+    actual = executor.run(result, feeds)["output"]
+    assert output_error([expected], [actual]) < 0.03  # a few int8 steps of the output range
+    onnx_output = run_ort(result, feeds)[0]
+    # One int8 step of the final output, from float sums inside ConvTranspose (see above).
+    step = result.nodes[-1].inputs[1].data
+    assert np.abs(onnx_output - actual).max() <= step * 1.001
+    pytest.importorskip("tvm")
+    from graphcomp.backends.tvm import build
+
+    np.testing.assert_array_equal(build(result, "cpu").run(feeds)["output"], actual)
+
+
+def test_weight_only_conv_transpose_scales_axis_one():
+    graph, _ = decoder_block()
+    result = quantized(graph, "quantize:weight-only")
+    dequantize = [node for node in result.nodes if node.op == "dequantize"]
+    assert [node.attrs["axis"] for node in dequantize] == [0, 1, 1]
+    assert dequantize[1].inputs[1].shape == (4,)  # weight [8, 4, 2, 2]: 4 output channels
+    feeds = cnn_feeds()
+    expected = executor.run(graph, feeds)["output"]
+    actual = executor.run(result, feeds)["output"]
+    assert output_error([expected], [actual]) < 0.01  # int8 weights, float activations
+    np.testing.assert_allclose(run_ort(result, feeds)[0], actual, rtol=1e-4, atol=1e-5)
+
+
+def attention_block() -> tuple[Graph, nn.Module]:
+    """q, k, v = linear(x); softmax(q @ k^T / 4) @ v -> linear, one head of 16"""
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.out = nn.Linear(16, 16)
+
+        def forward(self, x):
+            scores = self.q(x) @ self.k(x).transpose(1, 2) / 4.0
+            return self.out(torch.softmax(scores, dim=-1) @ self.v(x))
+
+    torch.manual_seed(9)
+    model = Attention().eval()
+    graph = import_torch(model, (torch.randn(2, 6, 16),))
+    return PassManager(DEFAULT_PIPELINE).run(graph).graph, model
+
+
+def attention_batches(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((2, 6, 16)).astype(np.float32)} for _ in range(count)]
+
+
+def test_matmul_option_quantizes_attention():
+    graph, _ = attention_block()
+    name = graph.inputs[0].name
+    calibration = [{name: batch["x"]} for batch in attention_batches(6)]
+    default = quantized(graph, "quantize:int8", calibration=calibration)
+    assert ops_of(default).count("matmul") == 2
+    assert "qmatmul" not in ops_of(default)
+    result = quantized(graph, "quantize:int8:matmul=true", calibration=calibration)
+    assert ops_of(result).count("qmatmul") == 2
+    assert "matmul" not in ops_of(result)
+    feeds = {name: attention_batches(1, seed=42)[0]["x"]}
+    expected = executor.run(graph, feeds)[graph.outputs[0].name]
+    actual = executor.run(result, feeds)[graph.outputs[0].name]
+    assert output_error([expected], [actual]) < 0.05
+    np.testing.assert_array_equal(run_ort(result, feeds)[0], actual)
+    pytest.importorskip("tvm")
+    from graphcomp.backends.tvm import build
+
+    built = build(result, "cpu").run(feeds)[graph.outputs[0].name]
+    np.testing.assert_array_equal(built, actual)
+
+
+# --- datasets, the calibration split and progress ---------------------------------------------
+
+
+def write_npy_folder(folder: Path, count: int = 6, batch: int = 2) -> dict[str, np.ndarray]:
+    """A dataset folder for small_cnn(batch): input.npy [count*batch,3,8,8] and labels.npy."""
+    rng = np.random.default_rng(11)
+    arrays = {"input": rng.standard_normal((count * batch, 3, 8, 8)).astype(np.float32),
+              "labels": rng.integers(0, 4, count * batch)}
+    folder.mkdir(exist_ok=True)
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array)
+    return arrays
+
+
+def test_npy_folder_matches_npz(tmp_path):
+    graph, _ = small_cnn()
+    arrays = write_npy_folder(tmp_path / "data")
+    np.savez(tmp_path / "data.npz", **arrays)
+    from_folder = load_dataset(tmp_path / "data", graph)
+    from_file = load_dataset(tmp_path / "data.npz", graph)
+    assert len(from_folder.batches) == 6
+    for folder_batch, file_batch in zip(from_folder.batches, from_file.batches):
+        np.testing.assert_array_equal(folder_batch["input"], file_batch["input"])
+    np.testing.assert_array_equal(from_folder.labels, arrays["labels"])
+
+
+def test_npy_folder_errors(tmp_path, caplog):
+    graph, _ = small_cnn()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(ShapeError, match=r"missing file\(s\) \['input.npy'\].*no .npy files"):
+        load_dataset(folder, graph)
+    (folder / "input.npy").write_bytes(b"not an array")
+    with pytest.raises(GraphcompError, match="input.npy: not a readable .npy file"):
+        load_dataset(folder, graph)
+    np.save(folder / "input.npy", np.zeros((3, 3, 8, 8), np.float32))
+    with pytest.raises(ShapeError, match="multiple of the batch size 2"):
+        load_dataset(folder, graph)
+    np.save(folder / "input.npy", np.zeros((4, 3, 8, 8), np.float32))
+    np.save(folder / "images.npy", np.zeros(2))
+    assert len(load_dataset(folder, graph).batches) == 2
+    assert "ignoring file(s) ['images.npy']" in caplog.text
+
+
+def test_calibrating_pipeline_verifies_on_held_out_batches(tmp_path):
+    graph, _ = small_cnn()
+    write_npy_folder(tmp_path / "data", count=6)
+    dataset = load_dataset(tmp_path / "data", graph)
+    calibration, verification, summary = split_calibration(
+        dataset, parse_pipeline("fold-bn,quantize:int8"))
+    assert summary == {"calibration_batches": 3, "held_out": True}
+    assert len(calibration.batches) == 3
+    assert len(verification.batches) == 3
+    assert verification.batches[0]["input"] is dataset.batches[3]["input"]
+    np.testing.assert_array_equal(verification.labels, dataset.labels[6:])
+    assert len(calibration.labels) == 6
+
+
+def test_lossless_pipeline_keeps_all_batches():
+    graph, _ = small_cnn()
+    dataset = Dataset(cnn_batches(4))
+    calibration, verification, summary = split_calibration(
+        dataset, parse_pipeline("fold-bn,quantize:dynamic"))
+    assert summary["held_out"] is False
+    assert calibration is dataset
+    assert verification is dataset
+
+
+def test_single_batch_cannot_be_held_out(caplog):
+    dataset = Dataset(cnn_batches(1), source="data.npz")
+    calibration, verification, summary = split_calibration(dataset,
+                                                           parse_pipeline("quantize:int8"))
+    assert calibration.batches == verification.batches
+    assert summary["held_out"] is False
+    assert "calibration and verification use the same data" in summary["note"]
+
+
+def test_random_calibration_data_warns(caplog):
+    graph, _ = small_cnn()
+    split_calibration(random_feeds(graph, 0, 4), parse_pipeline("quantize:int8"))
+    assert "quantize calibrate(s) on seeded random inputs, which are not representative" in \
+        caplog.text
+    caplog.clear()
+    split_calibration(random_feeds(graph, 0, 4), parse_pipeline("quantize:weight-only"))
+    assert "not representative" not in caplog.text
+
+
+def test_calibration_reports_progress():
+    graph, _ = small_cnn(batch=2)
+    calls = []
+    manager = PassManager("quantize:int8", calibration=cnn_batches(3, batch=4),
+                          work_progress=lambda *call: calls.append(call))
+    manager.run(graph)
+    assert calls == [("calibrating", done, 6) for done in range(7)]
+
+
+# --- tuned int8 artifact ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tuned_int8_digits_compile_verifies(tmp_path):
+    """The CLI tunes the int8 kernels with MetaSchedule and the tuned artifact verifies.
+
+    Takes one to three minutes on 2 cores: 14 kernels, 2 trials each, mostly builder start-up.
+    """
+    pytest.importorskip("tvm")
+    from graphcomp.cli import main
+    from graphcomp.models import digits_data
+
+    data = tmp_path / "digits"
+    data.mkdir()
+    test_split = digits_data("test")
+    np.save(data / "input.npy", test_split["input"][:64])
+    np.save(data / "labels.npy", test_split["labels"][:64])
+    out = tmp_path / "out"
+    code = main(["compile", "zoo:digits-cnn", "--passes", "fold-bn,quantize:int8", "--tune",
+                 "--trials", "2", "--tuning-db", str(tmp_path / "db"), "--data", str(data),
+                 "--repeat", "1", "-o", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    tuning = report["tuning"]
+    assert tuning["trials"] > 0
+    assert tuning["applied_tasks"] == tuning["tasks"] > 0
+    assert report["data"]["held_out"] is True
+    assert report["data"]["calibration_batches"] == 32
+    assert report["data"]["batches"] == 32  # the held-out half of 64
+    # int8 arithmetic with a float dequantize at the end: the tuned build is exact.
+    assert report["verify"]["max_abs_error"] == 0.0
+    assert report["drift"]["accuracy"] >= report["drift"]["reference_accuracy"] - 1 / 32

@@ -1,7 +1,9 @@
-"""Quantized ops: quantize, dequantize, and int8 convolution and linear layers.
+"""Quantized ops: quantize, dequantize, int8 convolution, transposed convolution and linear
+layers, and the int8 product of two activations.
 
 The PyTorch reference, the Relax lowering and the ONNX export compute the same integers. A TVM
-build of quantize, dequantize, qconv2d or qlinear equals the reference executor bit for bit.
+build of quantize, dequantize, qconv2d, qconv_transpose2d, qlinear or qmatmul equals the
+reference executor bit for bit.
 dynamic_qlinear's float output agrees to float32 rounding, because TVM may fuse its multiply
 and add. The arithmetic:
 
@@ -22,6 +24,12 @@ and add. The arithmetic:
   requantization of ONNX Runtime's QLinearConv on x86 (checked with version 1.32), so its
   results agree bit for bit too.
   Convolution padding is ``x_zero_point``, the quantized form of 0.0.
+  ``qconv_transpose2d`` computes the same with a transposed convolution, its weight
+  [C, O, kH, kW] quantized per output channel along axis 1.
+- ``qmatmul(a, b)``: both operands are activations quantized per tensor, as in attention::
+
+      acc = (a - a_zero_point) @ (b - b_zero_point)                           (int32)
+      y   = saturate(round(float32(acc) * m) + y_zero_point),  m = a_scale * b_scale / y_scale
 - ``dynamic_qlinear``: a float linear layer whose input is quantized at run time to uint8 as
   ONNX DynamicQuantizeLinear does (range widened to include 0, scale ``(max - min) / 255``),
   multiplied with int8 per-channel weights in int32, and scaled back:
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -464,4 +473,154 @@ register_op(
         "(ONNX DynamicQuantizeLinear): inputs x (float32 [..., in]), weight (int8 [out,in]), "
         "w_scale (float32 [out]), optional bias (float32 [out]); attrs: activation, per_row "
         "(one range per row of x instead of one for all of x)",
+)
+
+
+# --- qconv_transpose2d ------------------------------------------------------------------------
+
+
+def _qconv_transpose2d_infer(node):
+    # conv_transpose2d's shape inference reads only inputs 0 and 1 and the conv attributes.
+    [(shape, dtype)] = get_op("conv_transpose2d").infer(node)
+    if int(node.attrs.get("groups", 1)) != 1:
+        raise ValueError(f"qconv_transpose2d '{node.name}': groups must be 1, got "
+                         f"{node.attrs['groups']}; grouped transposed convolutions stay float")
+    _check_layer_params(node, node.inputs[1].shape[1])
+    return [(shape, dtype)]
+
+
+def _conv_transpose_settings(node):
+    strides, pads, dilations, _ = _conv_settings(node)
+    output_padding = tuple(int(v) for v in node.attrs.get("output_padding", (0, 0)))
+    return strides, pads, dilations, output_padding
+
+
+def _qconv_transpose2d_torch(node, x, weight, w_scale, bias=None):
+    strides, pads, dilations, output_padding = _conv_transpose_settings(node)
+    top, left, bottom, right = pads
+    centered = x.to(torch.int32) - int(node.attrs.get("x_zero_point", 0))
+    # Each output sums at most C * kH * kW products.
+    terms = weight.shape[0] * weight.shape[2] * weight.shape[3]
+    dtype = _exact_dtype(terms, float(centered.abs().max()), float(weight.abs().max()))
+    acc = F.conv_transpose2d(centered.to(dtype), weight.to(dtype), None, strides, 0,
+                             output_padding, 1, dilations)
+    acc = acc[:, :, top:acc.shape[2] - bottom, left:acc.shape[3] - right]
+    multiplier = _multiplier_torch(node, w_scale)
+    return _requantize_torch(node, acc, bias, multiplier, (1, -1, 1, 1))
+
+
+def _qconv_transpose2d_relax(node, x, weight, w_scale, bias=None):
+    relax = relax_module()
+    op = relax.op
+    strides, pads, dilations, output_padding = _conv_transpose_settings(node)
+    settings = {"strides": strides, "padding": pads, "output_padding": output_padding,
+                "dilation": dilations, "out_dtype": "int32"}
+    acc = op.nn.conv2d_transpose(x, weight, **settings)
+    zero_point = int(node.attrs.get("x_zero_point", 0))
+    if zero_point != 0:
+        # sum((x - z) * w) = sum(x * w) - z * sum(w over the taps that reach each output).
+        # How many taps reach an output varies with its position (stride, borders), so the
+        # second term is a transposed convolution of ones with the weights summed over input
+        # channels: one channel in, which costs 1/C of the main convolution.
+        _, _, height, width = node.inputs[0].shape
+        ones = op.ones((1, 1, height, width), "int32")
+        weight_sums = op.sum(op.astype(weight, "int32"), axis=[0], keepdims=True)
+        taps = op.nn.conv2d_transpose(ones, weight_sums, **settings)
+        acc = op.subtract(acc, op.multiply(taps, relax.const(zero_point, "int32")))
+    out_channels = node.inputs[1].shape[1]
+    multiplier = _multiplier_relax(node, w_scale)
+    return _requantize_relax(node, acc, bias, multiplier, (1, out_channels, 1, 1))
+
+
+register_op(
+    "qconv_transpose2d", infer=_qconv_transpose2d_infer, torch=_qconv_transpose2d_torch,
+    relax=_qconv_transpose2d_relax, macs=lambda node: get_op("conv_transpose2d").macs(node),
+    inputs=(3, 4),
+    doc="int8 2-D transposed convolution with int32 accumulation and requantization: inputs x "
+        "(int8 or uint8), weight (int8 [C,O,kH,kW], symmetric per output channel, axis 1), "
+        "w_scale (float32 [O]), optional bias (int32 [O]); attrs: x_scale, x_zero_point, "
+        "y_scale, y_zero_point, activation (None or relu) and conv_transpose2d's strides, "
+        "pads, output_padding, dilations (groups 1 only)",
+)
+
+
+# --- qmatmul ----------------------------------------------------------------------------------
+
+
+def matmul_multiplier(attrs) -> float:
+    """Return ``a_scale * b_scale / y_scale`` computed in float32, in that order."""
+    product = np.float32(attrs["a_scale"]) * np.float32(attrs["b_scale"])
+    return float(np.float32(product / np.float32(attrs["y_scale"])))
+
+
+def _check_qmatmul_attrs(node) -> None:
+    attrs = node.attrs
+    for key in ("a_scale", "b_scale", "y_scale"):
+        scale = attrs.get(key)
+        if not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"qmatmul '{node.name}': {key} must be a finite number > 0, got "
+                             f"{scale!r}")
+    dtypes = {"a": node.inputs[0].dtype, "b": node.inputs[1].dtype, "y": node.inputs[0].dtype}
+    for prefix, dtype in dtypes.items():
+        low, high = QUANTIZED_RANGES[dtype]
+        zero_point = attrs.get(f"{prefix}_zero_point", 0)
+        if not isinstance(zero_point, int) or not low <= zero_point <= high:
+            raise ValueError(f"qmatmul '{node.name}': {prefix}_zero_point must be an integer in "
+                             f"[{low}, {high}] for {dtype}, got {zero_point!r}")
+    if attrs.get("activation") is not None:
+        raise ValueError(f"qmatmul '{node.name}': a fused activation is not supported")
+
+
+def _qmatmul_infer(node):
+    a, b = node.inputs
+    _check_quantized(node, a, "input a")
+    _check_quantized(node, b, "input b")
+    if a.rank < 2 or b.rank < 2:
+        raise ValueError(f"qmatmul '{node.name}': inputs must have rank 2 or more, got "
+                         f"{a.shape} and {b.shape}")
+    _check_qmatmul_attrs(node)
+    [(shape, _)] = get_op("matmul").infer(node)
+    return [(shape, a.dtype)]
+
+
+def _qmatmul_torch(node, a, b):
+    attrs = node.attrs
+    a_centered = a.to(torch.int32) - int(attrs.get("a_zero_point", 0))
+    b_centered = b.to(torch.int32) - int(attrs.get("b_zero_point", 0))
+    dtype = _exact_dtype(a.shape[-1], float(a_centered.abs().max()),
+                         float(b_centered.abs().max()))
+    acc = torch.matmul(a_centered.to(dtype), b_centered.to(dtype))
+    multiplier = torch.tensor(matmul_multiplier(attrs), dtype=torch.float32)
+    return _requantize_torch(node, acc, None, multiplier, ())
+
+
+def _qmatmul_relax(node, a, b):
+    relax = relax_module()
+    op = relax.op
+    attrs = node.attrs
+    a_zero_point = int(attrs.get("a_zero_point", 0))
+    b_zero_point = int(attrs.get("b_zero_point", 0))
+    # sum((a - za)(b - zb)) = sum(a b) - za sum(b over k) - zb sum(a over k) + K za zb
+    acc = op.matmul(a, b, out_dtype="int32")
+    if a_zero_point:
+        b_sums = op.sum(op.astype(b, "int32"), axis=[-2], keepdims=True)
+        acc = op.subtract(acc, op.multiply(b_sums, relax.const(a_zero_point, "int32")))
+    if b_zero_point:
+        a_sums = op.sum(op.astype(a, "int32"), axis=[-1], keepdims=True)
+        acc = op.subtract(acc, op.multiply(a_sums, relax.const(b_zero_point, "int32")))
+    if a_zero_point and b_zero_point:
+        both = node.inputs[0].shape[-1] * a_zero_point * b_zero_point
+        acc = op.add(acc, relax.const(both, "int32"))
+    multiplier = relax.const(matmul_multiplier(attrs), "float32")
+    return _requantize_relax(node, acc, None, multiplier, ())
+
+
+register_op(
+    "qmatmul", infer=_qmatmul_infer, torch=_qmatmul_torch, relax=_qmatmul_relax,
+    macs=lambda node: get_op("matmul").macs(node), inputs=2,
+    doc="int8 product of two activations, as in attention (Q K^T, P V): inputs a and b (int8 "
+        "or uint8, rank >= 2, quantized per tensor; batch dims broadcast); int32 accumulation "
+        "of (a - a_zero_point)(b - b_zero_point), requantized with the float32 multiplier "
+        "a_scale * b_scale / y_scale to a's dtype; attrs: a_scale, a_zero_point, b_scale, "
+        "b_zero_point, y_scale, y_zero_point",
 )
