@@ -262,9 +262,9 @@ class _TaskPlan:
 def trial_budgets(flops: list[float], trials: int, allocation: str = "flops") -> list[int]:
     """Return each task's trial budget from its FLOPs (calls included) and ``trials``.
 
-    "even" gives every task ``trials``. "flops" spends the search where the time is: a task
-    with the average share of FLOPs gets ``trials``, and a task with k times that share gets
-    about k times as many, rounded to a power of two and kept between ``trials / 2`` and
+    "even" gives every task ``trials``. "flops" spends the search where the time is. A task
+    with the average share of FLOPs gets ``trials``; one with k times that share gets about k
+    times as many. Budgets are rounded to a power of two and kept between ``trials / 2`` and
     ``MAX_BUDGET_FACTOR * trials``. Few distinct budgets keep MetaSchedule's runs few (it takes
     one budget per run). A model of one task, or of tasks of equal FLOPs, gets ``trials`` each.
     """
