@@ -41,6 +41,24 @@ def _plus_shift(producer: Pattern) -> Op:
     return Op("add", producer, Const("shift"))
 
 
+class _ChannelChain(Pattern):
+    """``producer`` followed by any number of adds and muls of a constant, such as
+    ``(conv(x) * m + c) * m2``. The rewrite checks that each constant is one number per
+    channel."""
+
+    def __init__(self, producer: Pattern):
+        self.producer = producer
+        self.step = Op(("add", "mul"), self, Const())
+
+    def iter_matches(self, value, index, match):
+        yield from self.producer.iter_matches(value, index, match)
+        yield from self.step.iter_matches(value, index, match)
+
+
+def _after_channel_ops(producer: Pattern) -> Op:
+    return Op(("add", "mul"), _ChannelChain(producer), Const())
+
+
 def _fold(graph: Graph, match: Match) -> list[Node] | None:
     """Build the producer with the batch norm folded into its weight and bias."""
     producer: Node = match["producer"]
@@ -50,25 +68,23 @@ def _fold(graph: Graph, match: Match) -> list[Node] | None:
     factor, shift = batch_norm_affine(bn, channels)
     if factor is None:
         return None
-
-    bias = np.zeros(channels)
-    if "shift" in match.bindings:
-        added = channel_vector(match["shift"], out_shape, axis=1)
-        if added is None:
-            return None
-        bias = bias + added
+    between = _channel_affine(match, producer, bn, out_shape)
+    if between is None:
+        return None
+    multiplier, bias = between
     if producer.op != "matmul" and len(producer.inputs) == 3:
-        bias = bias + producer.inputs[2].data.astype(np.float64).reshape(-1)
+        bias = bias + producer.inputs[2].data.astype(np.float64).reshape(-1) * multiplier
 
     weight = producer.inputs[1].data.astype(np.float64)
     dtype = producer.inputs[1].dtype
     op = producer.op
     attrs = dict(producer.attrs)
+    weight_factor = factor * multiplier
     if op == "matmul":  # matmul(x, W) becomes linear(x, W.T), whose weight is [out, in].
-        weight = (weight * factor[None, :]).T
+        weight = (weight * weight_factor[None, :]).T
         op, attrs = "linear", {}
     else:
-        weight = scale_output_channels(producer, weight, factor)
+        weight = scale_output_channels(producer, weight, weight_factor)
 
     inputs: list[Value] = [
         producer.inputs[0],
@@ -76,6 +92,33 @@ def _fold(graph: Graph, match: Match) -> list[Node] | None:
         new_constant(graph, f"{producer.name}.bias", (bias * factor + shift).astype(dtype)),
     ]
     return [Node(producer.name, op, inputs, list(bn.outputs), attrs)]
+
+
+def _channel_affine(match: Match, producer: Node, bn: Node, out_shape):
+    """Return (multiplier, added) in float64 such that the batch norm reads
+    ``producer_output * multiplier + added`` per channel. They compose the per-channel
+    constant adds and muls that the match has between the two, and are None when a constant
+    is not one number per channel."""
+    channels = out_shape[1]
+    multiplier, added = np.ones(channels), np.zeros(channels)
+    written_by = {node.outputs[0]: node for node in match.nodes}
+    chain = []
+    value = bn.inputs[0]
+    while value is not producer.outputs[0]:
+        node = written_by[value]
+        chain.append(node)
+        value = next(v for v in node.inputs if not isinstance(v, Constant))
+    for node in reversed(chain):  # from the producer towards the batch norm
+        const = next(v for v in node.inputs if isinstance(v, Constant))
+        vector = channel_vector(const, out_shape, axis=1)
+        if vector is None:
+            return None
+        vector = vector.astype(np.float64)
+        if node.op == "mul":
+            multiplier, added = multiplier * vector, added * vector
+        else:
+            added = added + vector
+    return multiplier, added
 
 
 def batch_norm_affine(bn: Node, channels: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -119,6 +162,9 @@ RULES = (
     Rule("conv", _batch_norm(CONV), _fold),
     # bn(conv(x, W, b) + c) -> conv(x, W * s, (b + c - mean) * s + beta), c per channel
     Rule("conv-add", _batch_norm(_plus_shift(CONV)), _fold),
+    # bn(conv(x, W, b) * m + c) -> conv(x, W * m * s, (b * m + c - mean) * s + beta), where
+    # m and c compose any chain of per-channel constant adds and muls, e.g. ((y + c1) * m1) * m2
+    Rule("conv-affine", _batch_norm(_after_channel_ops(CONV)), _fold),
     # bn(linear(x, W, b)) -> linear(x, W * s[:, None], (b - mean) * s + beta), x 2-D
     Rule("linear", _batch_norm(LINEAR), _fold),
     # bn(linear(x, W, b) + c) -> linear(x, W * s[:, None], (b + c - mean) * s + beta)
@@ -136,11 +182,12 @@ class FoldBatchNorm(Pass):
 
     Folds an inference batch_norm into the conv2d, conv_transpose2d (any groups), linear, or
     matmul with a constant 2-D weight that produces its input, also across an add of a
-    per-channel constant between them (how exporters write a conv bias). A matmul becomes a
-    linear layer. This saves a full pass over the activation per batch_norm and lets ``fuse``
-    attach the following activation to the conv. Folding needs constant weights and batch norm
-    parameters, a producer output that only the batch_norm (or the add) reads, and no fused
-    activation on the producer. Run ``fold-constants`` first when weights are computed.
+    per-channel constant between them (how exporters write a conv bias). For convs it also
+    folds across any chain of per-channel constant adds and muls. A matmul becomes a linear
+    layer. This saves a full pass over the activation per batch_norm and lets
+    ``fuse`` attach the following activation to the conv. Folding needs constant weights and
+    batch norm parameters, a producer output that only the batch_norm (or the adds and muls)
+    reads, and no fused activation on the producer. Run ``fold-constants`` first when weights are computed.
 
     With ``decompose``, every batch_norm left (no foldable producer) becomes
     ``x * s + (beta - mean * s)`` with per-channel constants, which backends run without a

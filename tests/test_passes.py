@@ -11,50 +11,16 @@ import re
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
 
 from graphcomp import executor
 from graphcomp.ir import Constant, Graph, Node, Value
 from graphcomp.pipeline import PassContext, available_passes
 from graphcomp.serialize import format_graph
-from graphcomp.shapes import infer_node
 from graphcomp.verifier import verify_graph
 
+from graph_helpers import Builder
+
 TOLERANCE = 1e-5
-
-
-class Builder:
-    """Builds a graph node by node, inferring each output's shape."""
-
-    def __init__(self, seed: int = 0):
-        self.inputs: list[Value] = []
-        self.nodes: list[Node] = []
-        self.rng = np.random.default_rng(seed)
-
-    def input(self, name: str, shape, dtype: str = "float32") -> Value:
-        value = Value(name, tuple(shape), dtype)
-        self.inputs.append(value)
-        return value
-
-    def const(self, name: str, data) -> Constant:
-        return Constant(name, np.asarray(data))
-
-    def random(self, name: str, shape, low: float = -1.0, high: float = 1.0) -> Constant:
-        return Constant(name, self.rng.uniform(low, high, shape).astype(np.float32))
-
-    def add(self, op: str, inputs, name: str, out: str | None = None, **attrs) -> Value:
-        output = Value(out or name, ())
-        node = Node(name, op, list(inputs), [output], attrs)
-        (shape, dtype), = infer_node(node)
-        output.shape, output.dtype = tuple(shape), dtype
-        self.nodes.append(node)
-        return output
-
-    def graph(self, *outputs: Value) -> Graph:
-        graph = Graph("test", self.inputs, list(outputs), self.nodes)
-        verify_graph(graph)
-        return graph
 
 
 def ops(graph: Graph) -> list[str]:
@@ -390,50 +356,6 @@ def test_fold_bn_into_conv2d(case):
     assert conv.created_by == "fold-bn"
     assert result.details == {"conv": 1}
     assert_same_outputs(graph, result_graph)
-
-
-def _transposed_conv_bn_module(groups: int) -> nn.Sequential:
-    torch.manual_seed(0)
-    module = nn.Sequential(
-        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=groups,
-                           bias=False),
-        nn.BatchNorm2d(6),
-    ).eval()
-    with torch.no_grad():
-        module[1].running_mean.uniform_(-1, 1)
-        module[1].running_var.uniform_(0.5, 2)
-        module[1].weight.uniform_(0.5, 2)
-        module[1].bias.uniform_(-1, 1)
-    return module
-
-
-@pytest.mark.parametrize("groups", [1, 2])
-def test_fold_bn_into_conv_transpose2d(groups):
-    # x[2,4,5,5] -> conv_transpose2d(W[4, 6/groups, 3, 3], stride 2) -> batch_norm -> y[2,6,10,10]
-    module = _transposed_conv_bn_module(groups)
-    conv, bn = module[0], module[1]
-    b = Builder()
-    x = b.input("x", (2, 4, 5, 5))
-    c = b.add("conv_transpose2d", [x, b.const("w", conv.weight.detach().numpy())], "deconv", "c",
-              strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1], groups=groups)
-    params = [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    params = [b.const(n, p.detach().numpy()) for n, p in zip(["s", "beta", "m", "v"], params)]
-    graph = b.graph(b.add("batch_norm", [c, *params], "bn", "y", eps=bn.eps))
-    assert ops(graph) == ["conv_transpose2d", "batch_norm"]
-
-    result_graph, _ = run_pass("fold-bn", graph)
-
-    assert ops(result_graph) == ["conv_transpose2d"]
-    folded = result_graph.nodes[0]
-    assert folded.inputs[1].shape == (4, 6 // groups, 3, 3)
-    assert folded.inputs[2].shape == (6,)
-    assert result_graph.outputs[0].shape == (2, 6, 10, 10)
-    feeds = feeds_for(graph)
-    with torch.no_grad():
-        expected = module(torch.from_numpy(feeds["x"])).numpy()
-    np.testing.assert_allclose(executor.run(graph, feeds)["y"], expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(executor.run(result_graph, feeds)["y"], expected,
-                               rtol=1e-5, atol=1e-5)
 
 
 def test_fold_bn_across_bias_add():

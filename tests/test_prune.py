@@ -30,11 +30,14 @@ from graphcomp.dependency import analyze_channels
 from graphcomp.errors import OptionError, PassError
 from graphcomp.frontends.torch_frontend import import_torch
 from graphcomp.ir import Constant, Graph, Node, Value
-from graphcomp.passes.prune import masked_reference, remove_units
-from graphcomp.pipeline import PassContext, PassManager, available_passes, parse_pipeline
+from graphcomp.passes.prune import masked_reference
+from graphcomp.pipeline import PassManager, available_passes, parse_pipeline
 from graphcomp.serialize import format_graph
 from graphcomp.shapes import infer_node
 from graphcomp.verifier import verify_graph
+
+from cases import case01_selfcat, case03_pool_flatten_linear
+from graph_helpers import kept_rows, prune_with_reference, run_prune, torch_params
 
 TOLERANCE = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -64,26 +67,6 @@ def feeds_for(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def run_prune(graph: Graph, feeds=None, **options) -> tuple[Graph, dict]:
-    """Run the prune pass on a copy of ``graph``; return the copy and the pass details."""
-    result = graph.copy()
-    outcome = available_passes()["prune"](**options).run(result, PassContext(feeds=feeds))
-    verify_graph(result)
-    return result, outcome.details
-
-
-def prune_with_reference(graph: Graph, choose) -> tuple[Graph, Graph]:
-    """Remove the units that ``choose(analysis)`` returns from a copy of ``graph``; return the
-    pruned copy and its masked reference."""
-    work = graph.copy()
-    analysis = analyze_channels(work)
-    removed = choose(analysis)
-    reference = masked_reference(work, analysis, removed)
-    remove_units(work, analysis, removed)
-    verify_graph(work)
-    return work, reference
-
-
 def assert_same_outputs(graph: Graph, reference: Graph, feeds, tolerance=TOLERANCE) -> None:
     actual = executor.run(graph, feeds)
     expected = executor.run(reference, feeds)
@@ -91,20 +74,6 @@ def assert_same_outputs(graph: Graph, reference: Graph, feeds, tolerance=TOLERAN
     for name, value in expected.items():
         scale = max(1.0, float(np.abs(value).max()))
         np.testing.assert_allclose(actual[name], value, rtol=0, atol=tolerance * scale)
-
-
-def torch_params(graph: Graph) -> int:
-    """Parameters as PyTorch counts them (weights, biases, batch-norm scale and shift)."""
-    return sum(p.numel() for p in to_torch(graph).parameters())
-
-
-def kept_rows(pruned: np.ndarray, original: np.ndarray) -> list[int]:
-    """Indices of the rows of ``original`` that ``pruned`` kept, matched exactly, in order."""
-    flat = original.reshape(original.shape[0], -1)
-    kept = []
-    for row in pruned.reshape(pruned.shape[0], -1):
-        kept.append(int(np.flatnonzero((flat == row).all(axis=1))[0]))
-    return kept
 
 
 # --- docstring example --------------------------------------------------------------------------
@@ -158,117 +127,6 @@ def test_docstring_example_matches_pass():
     assert details["pruned"] == 1
     np.testing.assert_array_equal(pruned.node("conv1").inputs[1].data,
                                   graph.node("conv1").inputs[1].data[[0, 2]])
-
-
-# --- case: a tensor concatenated with itself ---------------------------------------------------
-
-
-class SelfCat(nn.Module):
-    # x -> a (conv, bn, gelu, conv, bn) -> y;  b (conv 16 -> 8, bn) reads concat(y, y)
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.GELU(),
-                               nn.Conv2d(c, c, 1), nn.BatchNorm2d(c))
-        self.b = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.BatchNorm2d(c))
-
-    def forward(self, x):
-        y = self.a(x)
-        return self.b(torch.cat([y, y], dim=1))
-
-
-def self_cat() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    module = SelfCat().eval()
-    for bn in (module.a[1], module.a[4], module.b[1]):
-        randomize_bn(bn)
-    return module, torch.randn(1, 8, 7, 7)
-
-
-def self_cat_masked(module: nn.Module, removed) -> nn.Module:
-    reference = copy.deepcopy(module)
-    columns = torch.tensor([*removed, *(p + 8 for p in removed)])
-    with torch.no_grad():
-        reference.b[0].weight[:, columns] = 0
-    return reference
-
-
-def test_self_concat_removes_both_copies():
-    module, x = self_cat()
-    graph = imported(module, x)
-
-    def choose(analysis):
-        return {analysis.group_of(graph_a3(analysis)).index: [1, 5]}
-
-    def graph_a3(analysis):
-        return analysis.graph.node("a.3").outputs[0]
-
-    pruned, reference = prune_with_reference(graph, choose)
-    expected = self_cat_masked(module, [1, 5])(x).detach().numpy()
-
-    assert pruned.node("b.0").inputs[1].shape == (8, 12, 1, 1)
-    assert pruned.node("a.3").inputs[1].shape == (6, 8, 1, 1)
-    assert pruned.node("a.4").inputs[1].shape == (6,)
-    assert torch_params(graph) == 328
-    assert torch_params(pruned) == 274
-    np.testing.assert_allclose(executor.run(pruned, {"x": x.numpy()})["output"], expected,
-                               rtol=0, atol=TOLERANCE)
-    assert_same_outputs(pruned, reference, {"x": x.numpy()})
-
-
-def test_self_concat_pass_picks_smallest_filters_repeatedly():
-    module, x = self_cat()
-    with torch.no_grad():
-        module.a[3].weight[[1, 5]] *= 0.01
-    graph = imported(module, x)
-    original = graph.node("a.3").inputs[1].data
-
-    first, details = run_prune(graph, ratio=0.25, protect="a.0")
-    second, _ = run_prune(first, ratio=0.5, protect="a.0")
-
-    assert kept_rows(first.node("a.3").inputs[1].data, original) == [0, 2, 3, 4, 6, 7]
-    assert details["params_after"] < details["params_before"]
-    kept = kept_rows(second.node("a.3").inputs[1].data, original)
-    assert len(kept) == 3
-    assert second.node("b.0").inputs[1].shape == (8, 6, 1, 1)
-    for step, pruned in ((first, [1, 5]), (second, sorted(set(range(8)) - set(kept)))):
-        expected = self_cat_masked(module, pruned)(x).detach().numpy()
-        np.testing.assert_allclose(executor.run(step, {"x": x.numpy()})["output"], expected,
-                                   rtol=0, atol=TOLERANCE)
-
-
-# --- case: adaptive pooling, flatten and linear ------------------------------------------------
-
-
-def pool_flatten_linear() -> nn.Module:
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                           nn.AdaptiveAvgPool2d((5, 5)), nn.Flatten(), nn.Linear(16 * 25, 10))
-    randomize_bn(module[1])
-    return module.eval()
-
-
-@pytest.mark.parametrize("size", [32, 64])
-def test_flatten_keeps_whole_pooled_blocks(size):
-    module = pool_flatten_linear()
-    x = torch.randn(2, 3, size, size)
-    graph = imported(module, x)
-    removed = [0, 5, 9, 15]
-
-    pruned, _ = prune_with_reference(
-        graph, lambda a: {a.group_of(a.graph.node("0").outputs[0]).index: removed})
-    reference = copy.deepcopy(module)
-    columns = torch.tensor([c * 25 + k for c in removed for k in range(25)])
-    with torch.no_grad():
-        reference[5].weight[:, columns] = 0
-    kept_columns = [c * 25 + k for c in range(16) if c not in removed for k in range(25)]
-
-    assert pruned.node("5").inputs[1].shape == (10, 300)
-    assert torch_params(graph) == 4490
-    assert torch_params(pruned) == 3370
-    np.testing.assert_array_equal(pruned.node("5").inputs[1].data,
-                                  graph.node("5").inputs[1].data[:, kept_columns])
-    np.testing.assert_allclose(executor.run(pruned, {"input": x.numpy()})["output"],
-                               reference(x).detach().numpy(), rtol=0, atol=TOLERANCE)
 
 
 # --- the masked-reference property on many small models ----------------------------------------
@@ -367,8 +225,9 @@ def small_graph(name: str) -> Graph:
         model, inputs = load_multimodal().build()
         return imported(model, *inputs)
     builders = {
-        "self_cat": lambda: (self_cat()[0], torch.randn(1, 8, 7, 7)),
-        "pool_flatten_linear": lambda: (pool_flatten_linear(), torch.randn(2, 3, 16, 16)),
+        "self_cat": lambda: (case01_selfcat.SelfCat(), torch.randn(1, 8, 7, 7)),
+        "pool_flatten_linear": lambda: (copy.deepcopy(case03_pool_flatten_linear.m),
+                                        torch.randn(2, 3, 16, 16)),
         "residual_se": lambda: (ResidualSE(), torch.randn(1, 3, 8, 8)),
         "split_shuffle": lambda: (SplitShuffle(), torch.randn(1, 3, 4, 4)),
         "channels_last": lambda: (ChannelsLast(), torch.randn(2, 3, 4, 4)),
