@@ -28,22 +28,40 @@ def node_macs(node: Node) -> int:
     return int(get_op(node.op).macs(node))
 
 
+# Input positions of integer constants that are weights or biases: the int8 weight and int32
+# bias of quantized layers, and the int8 tensor of a dequantize (weight-only and embedding
+# tables). Scales are float and count anyway; zero points and integer shapes or indices do not.
+_INTEGER_PARAM_INPUTS = {
+    "qconv2d": (1, 3), "qconv_transpose2d": (1, 3), "qlinear": (1, 3),
+    "dynamic_qlinear": (1, 3), "dequantize": (0,),
+}
+
+
+def _param_constants(node: Node) -> list[Constant]:
+    integer_positions = _INTEGER_PARAM_INPUTS.get(node.op, ())
+    return [
+        value for position, value in enumerate(node.inputs)
+        if isinstance(value, Constant)
+        and (np.issubdtype(value.data.dtype, np.floating) or position in integer_positions)
+    ]
+
+
 def node_params(node: Node) -> int:
-    """Elements of floating-point constants read by ``node`` (weights and biases)."""
-    return sum(
-        v.size for v in node.inputs
-        if isinstance(v, Constant) and np.issubdtype(v.data.dtype, np.floating)
-    )
+    """Elements of the weights and biases read by ``node``: its floating-point constants and
+    the integer weights and biases of quantized layers."""
+    return sum(value.size for value in _param_constants(node))
 
 
 def graph_stats(graph: Graph) -> GraphStats:
     constants = graph.constants()
-    params = sum(
-        c.size for c in constants if np.issubdtype(c.data.dtype, np.floating)
-    )
+    # Keyed by identity, so that a constant read by several nodes counts once. A float
+    # constant returned as a graph output, read by no node, counts too.
+    param_sizes = {id(c): c.size for node in graph.nodes for c in _param_constants(node)}
+    param_sizes.update({id(c): c.size for c in constants
+                        if np.issubdtype(c.data.dtype, np.floating)})
     return GraphStats(
         nodes=len(graph.nodes),
-        params=int(params),
+        params=int(sum(param_sizes.values())),
         macs=int(sum(node_macs(n) for n in graph.nodes)),
         bytes=int(sum(c.nbytes for c in constants)),
     )

@@ -117,11 +117,12 @@ def _build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR",
                           help="output folder for the artifact and report.json")
     compile_.add_argument("--data", type=Path, metavar="FILE.npz|DIR",
-                          help="inputs: a .npz with one array per graph input, or a folder "
-                               "with NAME.npy per input, named after the inputs, examples "
-                               "stacked on the leading axis (N x input shape); optional "
-                               "'labels' for accuracy. Passes that calibrate use the first "
-                               "half, verification the rest")
+                          help="inputs: a .npz with one array per graph input, named after it, "
+                               "or a folder with NAME.npy per graph input; each array stacks "
+                               "the examples on its leading axis (N x the input shape without "
+                               "its batch dim). Optional 'labels' (labels.npy), one class "
+                               "index per example, gives accuracy. Passes that calibrate use "
+                               "the first half, verification the rest")
     compile_.add_argument("--seed", type=int, default=0, help="seed of random inputs")
     compile_.add_argument("--samples", type=int, default=2,
                           help="random input batches when no --data is given (default 2)")
@@ -132,7 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--no-verify-passes", action="store_true",
                           help="skip the numerical check after each pass")
     compile_.add_argument("--dump-dir", type=Path,
-                          help="write the IR text form after each pass into this folder")
+                          help="write the IR text form after each pass into this folder, "
+                               "which must lie outside OUT_DIR")
     compile_.add_argument("--repeat", type=int, default=5,
                           help="timed runs for the latency figures (default 5)")
     compile_.add_argument("--recover", type=Path, metavar="FILE.npz",
@@ -167,6 +169,7 @@ def _build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=10, metavar="N",
                          help="kernels shown per target, slowest first; 0 shows all "
                               "(default 10)")
+    _add_tuning_db_argument(listing, default=argparse.SUPPRESS)
     listing.set_defaults(handler=_cmd_tune_db_list)
     prune = tune_db_commands.add_parser(
         "prune", help="keep the N fastest records per kernel; --keep 0 removes the records"
@@ -176,6 +179,7 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--target", metavar="KEY",
                        help="prune only this target: its key as 'list' shows it, or a target "
                             "name such as cpu (default: all targets)")
+    _add_tuning_db_argument(prune, default=argparse.SUPPRESS)
     prune.set_defaults(handler=_cmd_tune_db_prune)
 
     run = commands.add_parser("run", help="run a compiled artifact on .npy inputs")
@@ -186,6 +190,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="write the outputs to this .npz file")
     run.add_argument("--benchmark", type=int, default=0, metavar="N",
                      help="also time N runs and print the median latency")
+    run.add_argument("--allow-non-finite", action="store_true",
+                     help="run inputs that contain NaN or infinity (rejected by default: "
+                          "compiled relu, clip and hardsigmoid may turn NaN into numbers)")
     run.set_defaults(handler=_cmd_run)
 
     passes = commands.add_parser("passes", help="list the available passes, plugins included")
@@ -209,8 +216,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_tuning_db_argument(parser) -> None:
-    parser.add_argument("--tuning-db", type=Path, metavar="PATH",
+def _add_tuning_db_argument(parser, default=None) -> None:
+    # tune-db takes the option before and after its action. The action's copy defaults to
+    # SUPPRESS, because a default there would overwrite a value given before the action.
+    parser.add_argument("--tuning-db", type=Path, metavar="PATH", default=default,
                         help="tuning database folder (default: $XDG_CACHE_HOME/graphcomp/"
                              "tuning, else ~/.cache/graphcomp/tuning)")
 
@@ -243,7 +252,8 @@ def _cmd_inspect(args) -> int:
     after = trace = None
     if args.after is not None or args.dump_dir is not None:
         # With --dump-dir alone, the empty pipeline writes only 00-input.txt.
-        final, trace = _run_after(graph, args.after or "none", args.dump_dir)
+        pipeline_text = args.after if args.after is not None else "none"
+        final, trace = _run_after(graph, pipeline_text, args.dump_dir)
         after = final if args.after is not None else None
 
     if args.json:
@@ -470,11 +480,9 @@ def _print_summary(report) -> None:
 
 
 def _cmd_tune_db_list(args) -> int:
-    from graphcomp.backends.tvm.tuning_db import TuningDatabase
-
     if args.limit < 0:
         raise OptionError(f"--limit must be 0 or more, got {args.limit}")
-    database = TuningDatabase(args.tuning_db)
+    database = _open_tuning_db(args.tuning_db)
     summaries = database.summaries()
     if not summaries:
         console.print(f"no tuning records in {database.folder}")
@@ -490,6 +498,18 @@ def _cmd_tune_db_list(args) -> int:
         )
         _print_workload_table(summary.workloads, args.limit)
     return 0
+
+
+def _open_tuning_db(folder: Path | None):
+    """Open the database that tune-db reads; an explicit --tuning-db folder must exist, so
+    that a mistyped path is not reported as an empty database."""
+    from graphcomp.backends.tvm.tuning_db import TuningDatabase
+
+    if folder is not None and not folder.exists():
+        raise OptionError(f"--tuning-db {folder}: folder not found; give the folder that "
+                          "'compile --tune --tuning-db' wrote, or leave the option out to use "
+                          "the default database")
+    return TuningDatabase(folder)
 
 
 def _print_workload_table(workloads, limit: int) -> None:
@@ -509,9 +529,7 @@ def _print_workload_table(workloads, limit: int) -> None:
 
 
 def _cmd_tune_db_prune(args) -> int:
-    from graphcomp.backends.tvm.tuning_db import TuningDatabase
-
-    database = TuningDatabase(args.tuning_db)
+    database = _open_tuning_db(args.tuning_db)
     key = args.target
     if key is not None and not any(path.stem == key for path in database.files()):
         key = _target_key_of_name(key)
@@ -540,6 +558,8 @@ def _cmd_run(args) -> int:
 
     if args.benchmark < 0:
         raise OptionError(f"--benchmark must be 0 or more runs, got {args.benchmark}")
+    if args.output is not None:
+        _check_output_file(args.output)
     from graphcomp.backends.tvm.aarch64_runner import needs_emulation, run_artifact
     from graphcomp.backends.tvm.artifact import read_artifact
 
@@ -550,13 +570,13 @@ def _cmd_run(args) -> int:
             raise OptionError("--benchmark times native runs; emulated aarch64 timings mean "
                               "nothing, so run this artifact on an aarch64 machine to time it")
         contents = read_artifact(args.artifact)
-        feeds = _read_inputs(args.input, [spec.name for spec in contents.inputs])
+        feeds = _read_inputs(args.input, contents.inputs, args.allow_non_finite)
         _check_index_inputs(args.artifact, args.input, feeds)
         outputs = run_artifact(args.artifact, feeds)
         model = None
     else:
         model = load_artifact(args.artifact)
-        feeds = _read_inputs(args.input, [spec.name for spec in model.inputs])
+        feeds = _read_inputs(args.input, model.inputs, args.allow_non_finite)
         _check_index_inputs(args.artifact, args.input, feeds)
         outputs = model.run(feeds)
     for name, array in outputs.items():
@@ -570,14 +590,20 @@ def _cmd_run(args) -> int:
 
         buffer = io.BytesIO()
         np.savez(buffer, **outputs)
-        if args.output.is_dir():
-            raise OptionError(f"-o {args.output}: is a folder; give a file name such as out.npz")
         try:
             write_bytes_atomic(args.output, buffer.getvalue())
         except OSError as exc:
             raise OptionError(f"-o {args.output}: cannot write the file ({exc.strerror})") from None
         console.print(f"wrote {args.output}")
     return 0
+
+
+def _check_output_file(path: Path) -> None:
+    """Reject an unusable ``run -o`` path before the model runs."""
+    if path.is_dir():
+        raise OptionError(f"-o {path}: is a folder; give a file name such as out.npz")
+    if not path.parent.is_dir():
+        raise OptionError(f"-o {path}: folder {path.parent} not found; create it first")
 
 
 def _check_index_inputs(artifact: Path, specs: list[str], feeds: dict[str, np.ndarray]) -> None:
@@ -592,7 +618,13 @@ def _check_index_inputs(artifact: Path, specs: list[str], feeds: dict[str, np.nd
         check_index_inputs(ranges, {name: array}, f"--input {spec}")
 
 
-def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarray]:
+def _read_inputs(specs: list[str], inputs, allow_non_finite: bool) -> dict[str, np.ndarray]:
+    """Load the ``--input`` arrays for the artifact's ``inputs`` (TensorSpecs), cast within a
+    dtype kind and checked for NaN and infinity as ``compile --data`` arrays are."""
+    from graphcomp.data import cast_input, check_finite
+
+    input_names = [spec.name for spec in inputs]
+    dtypes = {spec.name: spec.dtype for spec in inputs}
     feeds = {}
     for spec in specs:
         name, sep, file_name = spec.partition("=")
@@ -602,17 +634,24 @@ def _read_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarr
                     f"--input {spec}: the model has inputs {input_names}; write NAME=FILE.npy"
                 )
             name, file_name = input_names[0], spec
+        if name not in dtypes:
+            raise OptionError(f"--input {spec}: the model has no input named '{name}'; its "
+                              f"inputs: {', '.join(input_names)}")
         if name in feeds:
             raise OptionError(f"--input {spec}: input '{name}' is given twice")
         path = Path(file_name)
         try:
-            feeds[name] = np.load(path, allow_pickle=False)
+            array = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise OptionError(f"--input {spec}: {path} not found") from None
         except (OSError, ValueError) as exc:
             raise OptionError(
                 f"--input {spec}: {path} is not a readable .npy file ({exc})"
             ) from None
+        feeds[name] = cast_input(array, name, dtypes[name], f"--input {spec}")
+        if not allow_non_finite:
+            check_finite(feeds[name], name, f"--input {spec}", per_example=False,
+                         remedy="replace them, or pass --allow-non-finite to run them anyway")
     missing = [name for name in input_names if name not in feeds]
     if missing:
         raise OptionError(f"missing --input for {missing}; the model's inputs are {input_names}")
@@ -629,8 +668,8 @@ def _cmd_passes(args) -> int:
                              if getattr(cls, word))
         rows.append({"name": name, "package": pass_package(cls),
                      "lossless": cls.lossless, "contract": contract,
-                     "options": ", ".join(f"{key}:{kind.__name__}"
-                                          for key, kind in cls.options.items()),
+                     "options": ", ".join(f"{key}:{cls.option_kind(key)}"
+                                          for key in cls.options),
                      "summary": cls.summary})
     if args.json:
         print(json.dumps({"passes": rows, "default_pipeline": DEFAULT_PIPELINE}, indent=2))

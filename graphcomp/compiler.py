@@ -105,6 +105,7 @@ def compile_model(
     tvm_backend.resolve_target(options.target)
     tuning_options = _tuning_options(options)
     if options.dump_dir is not None:
+        _check_dump_dir_apart(Path(options.dump_dir), out_dir)
         _prepare_dump_dir(Path(options.dump_dir))
     staging = reserve_output(out_dir)
     try:
@@ -317,7 +318,18 @@ def _verify_and_measure(report, loaded, final, built, dataset, options) -> None:
             verify.add(expected[value.name], actual[value.name])
     report["verify"] = verify.to_dict()
     report["drift"] = _drift(loaded, final, dataset)
-    if verify.mismatch or verify.relative_error > options.tolerance:
+    if verify.mismatch:
+        # Inputs are finite (load_dataset rejects NaN and infinity), so the NaN came from
+        # inside the graph, where TVM's relu, clip and hardsigmoid turn NaN into numbers.
+        raise VerificationError(
+            "the built artifact and the reference executor disagree on NaN or infinite output "
+            "values: one side computes NaN or infinity where the other has a number. This "
+            "happens when the graph computes NaN from finite inputs (from an infinite weight "
+            "or an overflow), which TVM's relu, clip and hardsigmoid turn into numbers. If "
+            "the weights are finite, rerun with --passes none to isolate the op, and report "
+            "the model"
+        )
+    if verify.relative_error > options.tolerance:
         raise VerificationError(
             f"the built artifact differs from the reference executor by "
             f"{verify.relative_error:.3g} (relative to the output scale), above the tolerance "
@@ -554,6 +566,19 @@ def publish_output(staging: Path, out_dir: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_dump_dir_apart(dump_dir: Path, out_dir: Path) -> None:
+    """Raise OptionError when the dump folder and the output folder are the same or one lies
+    inside the other: publishing the output replaces the whole -o folder, which would delete the
+    dumps or make the output look like a folder that is not graphcomp's."""
+    dump, out = dump_dir.resolve(), out_dir.resolve()
+    if dump == out or out in dump.parents or dump in out.parents:
+        raise OptionError(
+            f"--dump-dir {dump_dir} and -o {out_dir} overlap (the same folder, or one inside "
+            "the other); compile replaces the whole -o folder, so choose a dump folder outside "
+            "it, such as a sibling folder"
+        )
 
 
 def _prepare_dump_dir(folder: Path) -> None:

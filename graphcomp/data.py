@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphcomp.errors import GraphcompError, ShapeError
+from graphcomp.errors import GraphcompError, InputValueError, ShapeError
 from graphcomp.ir import Graph
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,11 @@ def load_dataset(path: str | Path, graph: Graph, max_samples: int | None = None)
     if unused:
         log.warning("%s: ignoring array(s) %s that name no graph input", path, unused)
 
-    for name in names:
-        array = arrays[name]
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            log.warning("%s: array '%s' contains NaN or infinity; outputs may not compare",
-                        path, name)
     total = _count_batches(path, graph, arrays)
+    for value in graph.inputs:
+        where = str(path / f"{value.name}.npy") if path.is_dir() else str(path)
+        arrays[value.name] = cast_input(arrays[value.name], value.name, value.dtype, where)
+        check_finite(arrays[value.name], value.name, where, per_example=True)
     if max_samples is not None:
         total = min(total, max_samples)
     batches = []
@@ -96,8 +95,7 @@ def load_dataset(path: str | Path, graph: Graph, max_samples: int | None = None)
         for value in graph.inputs:
             batch = max(value.shape[0], 1)
             feeds[value.name] = np.require(
-                arrays[value.name][i * batch:(i + 1) * batch].astype(value.dtype, copy=False),
-                requirements="C",
+                arrays[value.name][i * batch:(i + 1) * batch], requirements="C"
             )
         batches.append(feeds)
     if labels is not None:
@@ -139,7 +137,85 @@ def _check_labels(path: Path, labels: np.ndarray, used: int, arrays, graph: Grap
             f"{path}: 'labels' has {len(labels)} entries but the inputs contain {examples} "
             "examples; give one label per example"
         )
+    # Accuracy compares each label with the argmax over the first output's non-batch dims.
+    output = graph.outputs[0]
+    classes = int(np.prod(output.shape[1:])) if len(output.shape) > 1 else None
+    if classes is not None and len(labels):
+        outside = (labels < 0) | (labels >= classes)
+        if outside.any():
+            first = int(np.argmax(outside))
+            raise ShapeError(
+                f"{path}: 'labels' contains {int(outside.sum())} value(s) outside [0, {classes}) "
+                f"(the classes of output '{output.name}', shape {list(output.shape)}), first "
+                f"{int(labels[first])} at example {first}; labels must be class indices"
+            )
     return labels[:used]
+
+
+def _dtype_kind(dtype: np.dtype) -> str | None:
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    if np.issubdtype(dtype, np.integer):
+        return "integer"
+    if np.issubdtype(dtype, np.bool_):
+        return "bool"
+    return None
+
+
+def cast_input(array: np.ndarray, name: str, dtype: str, where: str) -> np.ndarray:
+    """Cast ``array`` to the graph input's ``dtype`` under the rule that ``compile --data``
+    and ``run`` share: a cast within a kind (float64 -> float32, int32 -> int64) is done with a
+    warning, a cast across kinds (int -> float, float -> int, bool) raises InputValueError, and
+    so does an integer that ``dtype`` cannot hold. ``where`` names the array's file in
+    messages."""
+    target = np.dtype(dtype)
+    if array.dtype == target:
+        return array
+    kind = _dtype_kind(array.dtype)
+    if kind is None or kind != _dtype_kind(target):
+        raise InputValueError(
+            f"{where}: input '{name}' is {array.dtype}, but the model expects {target}; "
+            f"graphcomp casts only within a kind (float to float, integer to integer), so "
+            f"convert the array yourself, e.g. array.astype(numpy.{target})"
+        )
+    if kind == "integer" and array.size:
+        limits = np.iinfo(target)
+        low, high = int(array.min()), int(array.max())
+        if low < limits.min or high > limits.max:
+            raise InputValueError(
+                f"{where}: input '{name}' is {array.dtype} with values in [{low}, {high}], "
+                f"which {target} (the model's dtype) cannot hold"
+            )
+    log.warning("%s: casting input '%s' from %s to %s", where, name, array.dtype, target)
+    return array.astype(target)
+
+
+def check_finite(array: np.ndarray, name: str, where: str, per_example: bool,
+                 remedy: str = "remove or replace those values") -> None:
+    """Raise InputValueError if the float ``array`` contains NaN or infinity.
+
+    TVM's builds of relu, clip and hardsigmoid turn NaN into ordinary numbers, where ONNX
+    Runtime and PyTorch keep NaN, so outputs of such inputs cannot be compared or trusted.
+    With ``per_example`` the message names the examples (indices on the leading axis) that
+    contain such values; ``remedy`` ends the message."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return
+    position = tuple(int(i) for i in np.argwhere(bad)[0])
+    value = array[position]
+    if per_example:
+        examples = np.flatnonzero(bad.reshape(len(array), -1).any(axis=1))
+        shown = ", ".join(str(i) for i in examples[:5]) + (" ..." if len(examples) > 5 else "")
+        found = f"{len(examples)} example(s) with NaN or infinite values: {shown}"
+    else:
+        found = f"{int(bad.sum())} NaN or infinite value(s)"
+    raise InputValueError(
+        f"{where}: input '{name}' contains {found} (first {value} at {list(position)}). "
+        "Compiled code may turn NaN into ordinary numbers (TVM's relu, clip and hardsigmoid "
+        f"do), so outputs computed from them cannot be trusted; {remedy}"
+    )
 
 
 def split_dataset(dataset: Dataset, first: int) -> tuple[Dataset, Dataset]:

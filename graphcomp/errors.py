@@ -45,14 +45,18 @@ class VerificationError(GraphcompError):
 class PassError(GraphcompError):
     """A pass failed; names the pass, the passes already run and the node at fault."""
 
-    def __init__(self, pass_name: str, already_run: list[str], node: str | None, cause: str):
+    def __init__(self, pass_name: str, already_run: list[str], node: str | None, cause: str,
+                 package: str | None = None):
+        # package: the distribution of a plugin pass, None for graphcomp's own passes.
         self.pass_name = pass_name
         self.already_run = list(already_run)
         self.node = node
+        self.package = package
+        origin = f" (from package {package})" if package else ""
         where = f" at node '{node}'" if node else ""
         before = ", ".join(already_run) if already_run else "none"
         super().__init__(
-            f"pass '{pass_name}' failed{where}: {cause} (passes already run: {before})"
+            f"pass '{pass_name}'{origin} failed{where}: {cause} (passes already run: {before})"
         )
 
 
@@ -67,3 +71,8 @@ class ArtifactError(GraphcompError):
 class InputRangeError(GraphcompError):
     """An integer input contains an index outside the table it indexes (a token id at or above
     the vocabulary size)."""
+
+
+class InputValueError(GraphcompError):
+    """An input array has a dtype of another kind than the graph input's (an integer array for
+    a float input), integers that the input's dtype cannot hold, or NaN or infinite values."""

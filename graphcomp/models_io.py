@@ -255,7 +255,7 @@ def _from_zoo(name: str, input_shapes) -> LoadedModel:
         listing = ", ".join(f"zoo:{key}" for key in ZOO)
         raise ModelLoadError(f"unknown zoo model 'zoo:{name}'; available: {listing}")
     if name.startswith("ppocr-"):
-        from graphcomp.zoo import PPOCR_SHAPES, ppocr_inputs, ppocr_path
+        from graphcomp.zoo import PPOCR_SHAPES, ppocr_cls_labels, ppocr_inputs, ppocr_path
 
         kind = name.split("-", 1)[1]
         shapes = input_shapes or PPOCR_SHAPES[kind]
@@ -263,6 +263,8 @@ def _from_zoo(name: str, input_shapes) -> LoadedModel:
         loaded.source = f"zoo:{name}"
         if tuple(shapes["x"]) == PPOCR_SHAPES[kind]["x"]:
             images = {"x": ppocr_inputs(kind, count=4)}
+            if kind == "cls":
+                images["labels"] = ppocr_cls_labels(4)
             loaded.default_data = _dataset_from_arrays(loaded.graph, images, "rendered text")
         else:
             log.warning(

@@ -23,7 +23,6 @@ import importlib.metadata
 import logging
 import math
 import pkgutil
-import re
 import time
 import types
 from dataclasses import asdict, dataclass, field
@@ -110,6 +109,8 @@ class Pass:
     invalidates: ClassVar[tuple[str, ...]] = ()
     lossless: ClassVar[bool] = True
     options: ClassVar[dict[str, type]] = {}
+    # Allowed values of str options that take one of a fixed set, shown by 'graphcomp passes'.
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     defaults: ClassVar[dict[str, Any]] = {}
     ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
 
@@ -138,8 +139,15 @@ class Pass:
     def describe_options(cls) -> str:
         if not cls.options:
             return "it takes no options"
-        accepted = ", ".join(f"{key} ({kind.__name__})" for key, kind in cls.options.items())
+        accepted = ", ".join(f"{key} ({cls.option_kind(key)})" for key in cls.options)
         return f"accepted options: {accepted}"
+
+    @classmethod
+    def option_kind(cls, key: str) -> str:
+        """Describe an option's values: its choices as ``a|b|c``, else its type name."""
+        if key in cls.choices:
+            return "|".join(cls.choices[key])
+        return cls.options[key].__name__
 
     def uses_calibration(self) -> bool:
         """Return whether this pass, as configured, derives what it computes from input data
@@ -217,6 +225,8 @@ _BUILTINS_LOADED = False
 _PLUGINS_LOADED = False
 # Pass name -> distribution whose entry point provided it.
 _PACKAGES: dict[str, str] = {}
+# Entry point name -> why it failed to load, for the unknown-pass error.
+_FAILED_PLUGINS: dict[str, str] = {}
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -305,6 +315,7 @@ def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> None:
     # A broken plugin must not stop graphcomp: any error while importing it is reported.
     except Exception as exc:
         logger.warning("skipped the pass plugin %s (%s: %s)", where, type(exc).__name__, exc)
+        _FAILED_PLUGINS[entry_point.name] = f"{where} failed to load ({type(exc).__name__}: {exc})"
         return
     for cls in classes:
         if registered_before.get(cls.name) is not cls:
@@ -330,24 +341,34 @@ def get_pass(name: str) -> type[Pass]:
     passes = available_passes()
     if name in passes:
         return passes[name]
+    if name in _FAILED_PLUGINS:
+        raise OptionError(f"unknown pass '{name}': the pass plugin {_FAILED_PLUGINS[name]}; "
+                          "fix or reinstall that package")
     close = difflib.get_close_matches(name, list(passes), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise OptionError(f"unknown pass '{name}'.{hint} Known passes: {', '.join(passes)}")
 
 
 def parse_pipeline(text: str) -> list[Pass]:
-    """Parse pipeline text into pass instances; empty text or ``none`` gives no passes.
+    """Parse pipeline text into pass instances; ``none`` gives no passes.
 
-    Passes are separated by commas or new lines. Options follow the pass name after colons,
-    as ``key=value`` or as a bare word that the pass interprets (see ``Pass.parse_word``).
+    Passes are separated by commas or new lines (a line may end with a comma when another line
+    follows). Options follow the pass name after colons, as ``key=value`` or as a bare word
+    that the pass interprets (see ``Pass.parse_word``). Empty text and empty items such as
+    ``dce,,dce`` raise OptionError, so that a typo does not silently drop passes.
     """
-    if text.strip().lower() in ("", "none"):
+    if text.strip().lower() == "none":
         return []
+    if not text.strip():
+        raise OptionError("the pipeline is empty; write 'none' to run no passes")
     passes = []
-    for item in re.split(r"[,\n]", text):
-        item = item.strip()
+    for item in _pipeline_items(text):
         if not item:
-            continue
+            raise OptionError(
+                f"pipeline '{text.strip()}' has an empty pass name (two commas in a row, or a "
+                "comma at the start or end); remove the extra comma, or write 'none' to run "
+                "no passes"
+            )
         name, *parts = (part.strip() for part in item.split(":"))
         cls = get_pass(name)
         options: dict[str, Any] = {}
@@ -367,6 +388,18 @@ def parse_pipeline(text: str) -> list[Pass]:
             options.update(given)
         passes.append(cls(**options))
     return passes
+
+
+def _pipeline_items(text: str) -> list[str]:
+    """Split pipeline text into pass items; blank lines and a comma ending a line that another
+    line follows are separators, not empty items."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    items = []
+    for number, line in enumerate(lines):
+        if number < len(lines) - 1:
+            line = line.removesuffix(",")
+        items.extend(item.strip() for item in line.split(","))
+    return items
 
 
 def check_requirements(passes: Sequence[Pass], graph: Graph | None = None) -> None:
@@ -542,7 +575,7 @@ class PassManager:
             result = PassResult(changed=bool(result))
         if not isinstance(result, PassResult) or not isinstance(result.changed, (bool, np.bool_)):
             returned = type(result.changed if isinstance(result, PassResult) else result).__name__
-            raise PassError(current.name, already_run, None,
+            raise _pass_error(current, already_run, None,
                             f"run() returned {returned}, expected a PassResult or a bool that "
                             "tells whether the graph changed")
         # Written before the checks, so that a failing pass leaves its result for inspection.
@@ -552,7 +585,7 @@ class PassManager:
             try:
                 verify_graph(graph)
             except GraphcompError as exc:
-                raise PassError(current.name, already_run, None,
+                raise _pass_error(current, already_run, None,
                                 f"left a malformed graph: {exc}") from exc
         if self.check_contract:
             _check_declarations(current, already_run, result, fingerprint, state, graph)
@@ -571,15 +604,15 @@ class PassManager:
         try:
             outputs = self._outputs(graph)
         except GraphcompError as exc:
-            raise PassError(current.name, already_run, None,
+            raise _pass_error(current, already_run, None,
                             f"the reference executor failed after it: {exc}") from exc
         error = output_error(reference, outputs)
         if current.lossless and not error <= self.tolerance:
-            raise PassError(
-                current.name, already_run, None,
+            raise _pass_error(
+                current, already_run, None,
                 f"changed the outputs by {error:.3g} relative to their scale, above the "
-                f"tolerance {self.tolerance:g} for a lossless pass; run with a dump folder "
-                "to compare the graph before and after it",
+                f"tolerance {self.tolerance:g} for a lossless pass; rerun with --dump-dir DIR "
+                "(dump_dir= in the Python API) and diff the graph text before and after it",
             )
         return error, outputs
 
@@ -596,13 +629,20 @@ def _check_declarations(current: Pass, already_run: list[str], result: PassResul
                         fingerprint: Fingerprint, state: dict[str, Any], graph: Graph) -> None:
     """Raise PassError when the pass broke its declared contract on ``graph``."""
     if not result.changed and Fingerprint(graph) != fingerprint:
-        raise PassError(current.name, already_run, None,
+        raise _pass_error(current, already_run, None,
                         "returned changed=False but changed the graph; return "
                         "PassResult(changed=True) whenever the graph may have changed")
     problems = broken_properties(state, state_of(graph), tuple(current.establishes),
                                  tuple(current.invalidates))
     if problems:
-        raise PassError(current.name, already_run, None, "; ".join(problems))
+        raise _pass_error(current, already_run, None, "; ".join(problems))
+
+
+def _pass_error(current: Pass, already_run: list[str], node: str | None,
+                cause: str) -> PassError:
+    """Build the PassError for ``current``, naming the package of a plugin pass."""
+    return PassError(current.name, already_run, node, cause,
+                     package=_PACKAGES.get(current.name))
 
 
 def _wrap(current: Pass, already_run: list[str], exc: Exception) -> PassError:
@@ -612,7 +652,7 @@ def _wrap(current: Pass, already_run: list[str], exc: Exception) -> PassError:
         cause = str(exc)
     else:
         cause = f"{type(exc).__name__}: {exc}"
-    return PassError(current.name, already_run, node_name, cause)
+    return _pass_error(current, already_run, node_name, cause)
 
 
 def output_error(before: list[np.ndarray], after: list[np.ndarray]) -> float:

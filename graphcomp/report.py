@@ -42,8 +42,13 @@ class ReportError(GraphcompError):
 
 def write_report(out_dir: Path, output: Path | None = None) -> Path:
     """Render ``out_dir``/report.json into an HTML page, by default ``out_dir``/report.html,
-    written atomically; return its path."""
+    written atomically; return its path. ``out_dir`` may also name the report.json file."""
     out_dir = Path(out_dir)
+    if out_dir.is_file():
+        if out_dir.name != REPORT_JSON:
+            raise ReportError(f"{out_dir} is a file; give the output folder of 'graphcomp "
+                              f"compile' (or its {REPORT_JSON})")
+        out_dir = out_dir.parent
     source = out_dir / REPORT_JSON
     try:
         report = json.loads(source.read_text())
@@ -56,7 +61,13 @@ def write_report(out_dir: Path, output: Path | None = None) -> Path:
     if not isinstance(report, dict) or "graph" not in report:
         raise ReportError(f"{source}: not a graphcomp report (no 'graph' totals)")
     target = Path(output) if output is not None else out_dir / REPORT_HTML
-    write_text_atomic(target, render_report(report))
+    if target.is_dir():
+        raise ReportError(f"cannot write {target}: it is a folder; give a file name such as "
+                          f"{target / REPORT_HTML}")
+    try:
+        write_text_atomic(target, render_report(report))
+    except OSError as exc:
+        raise ReportError(f"cannot write {target} ({exc.strerror or exc})") from None
     return target
 
 

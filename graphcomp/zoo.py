@@ -88,7 +88,10 @@ def render_text_image(lines: list[str], height: int, width: int, font_size: int,
 def ppocr_inputs(name: str, count: int = 4, seed: int = 0) -> np.ndarray:
     """``count`` rendered text images in the input layout of PP-OCR model ``name``:
     float32 [count, 3, H, W] in [-1, 1]. Random noise leaves the detector's map near zero
-    everywhere, so verification on these images catches errors that random inputs hide."""
+    everywhere, so verification on these images catches errors that random inputs hide.
+
+    For the direction classifier ('cls') every second line (odd indices) is rotated by 180
+    degrees, so that both of its classes are covered; ``ppocr_cls_labels`` gives the classes."""
     from graphcomp.models import minilm_sentences
 
     sentences = minilm_sentences()
@@ -101,6 +104,14 @@ def ppocr_inputs(name: str, count: int = 4, seed: int = 0) -> np.ndarray:
         else:
             line = sentences[(seed + i) % len(sentences)]
             image = render_text_image([line], height, width, 30, seed + i)
+            if name == "cls" and i % 2:
+                image = image[::-1, ::-1]
         images.append(image.transpose(2, 0, 1))
     batch = np.stack(images).astype(np.float32)
     return batch / _PIXEL_SCALE - 1.0
+
+
+def ppocr_cls_labels(count: int = 4) -> np.ndarray:
+    """Classes of ``ppocr_inputs('cls', count)``: 0 for upright text, 1 for text rotated by 180
+    degrees (the classifier's outputs are the probabilities of these two)."""
+    return np.arange(count, dtype=np.int64) % 2

@@ -143,6 +143,7 @@ class DecomposeLowRank(Pass):
     options = {"method": str, "rank": int, "ratio": float, "energy": float, "vbmf": bool,
                "exclude": str, "override": str, "min_macs": int, "measure": str,
                "min_speedup": float}
+    choices = {"method": METHODS, "measure": MEASURE_MODES}
     defaults = {"method": "auto", "vbmf": False, "exclude": "", "override": "", "min_macs": 0,
                 "measure": "auto", "min_speedup": DEFAULT_MIN_SPEEDUP}
 

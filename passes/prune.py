@@ -75,6 +75,7 @@ class PruneChannels(Pass):
         "ratio": float, "global": bool, "criterion": str, "protect": str, "override": str,
         "round_to": int,
     }
+    choices = {"criterion": CRITERIA}
     defaults = {
         "ratio": 0.5, "global": False, "criterion": "l1", "protect": "", "override": "",
         "round_to": 1,

@@ -124,6 +124,7 @@ class Quantize(Pass):
         "mode": str, "calib": str, "percentile": float, "skip": str, "activations": str,
         "sensitivity": bool, "matmul": bool,
     }
+    choices = {"mode": MODES, "calib": OBSERVERS, "activations": ACTIVATION_DTYPES}
     defaults = {
         "mode": "int8", "calib": "mse", "percentile": 99.99, "skip": "",
         "activations": "uint8", "sensitivity": False, "matmul": False,

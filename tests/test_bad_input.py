@@ -273,6 +273,19 @@ def test_inf_weights_warned(tmp_path, capsys):
     assert (out / "report.json").is_file()
 
 
+def test_nan_from_inf_weight_not_blamed_on_backend(tmp_path, capsys):
+    # 0 * inf in the conv gives NaN, which the reference's relu keeps and TVM's turns into 0.
+    path = save(with_weight_value("conv.w", (0, 0, 1, 1), np.inf), tmp_path / "inf.onnx")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32)
+    x[:, 0] = 0.0
+    np.savez(tmp_path / "data.npz", x=x)
+    err = compile_fails(path, tmp_path / "out", capsys, *SHAPE, "--data",
+                        str(tmp_path / "data.npz"))
+    assert "disagree on NaN or infinite output values" in err
+    assert "from an infinite weight or an overflow" in err
+    assert "lowered an op wrongly" not in err
+
+
 def test_equal_infinities_verify_as_equal():
     # An output that is +inf in the reference and in the build agrees (inf - inf is NaN, which
     # would fail verification and blame the backend); opposite infinities do not.
@@ -536,8 +549,109 @@ def test_run_artifact_with_changed_library(artifact, inputs, tmp_path, capsys):
 
     folder = edited_copy(artifact, tmp_path, flip_byte)
     err = run_fails(folder, inputs, capsys)
-    assert "model.so: the library is" in err
-    assert "checksum that differs from the manifest" in err
+    assert f"{folder / 'model.so'} does not match the checksum in manifest.json" in err
+    assert "the file changed after compile (the size is unchanged); compile the model again" in err
+
+
+# --- input arrays given to 'run' and 'compile --data' -----------------------------------------
+
+
+def with_nan(shape: tuple[int, ...], position: tuple[int, ...]) -> np.ndarray:
+    array = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    array[position] = np.nan
+    return array
+
+
+def test_run_rejects_nan_input(artifact, tmp_path, capsys):
+    # The artifact's relu turns NaN into a number, so the run would print ordinary outputs.
+    path = tmp_path / "x.npy"
+    np.save(path, with_nan((1, 3, 8, 8), (0, 1, 2, 3)))
+    err = fails(["run", str(artifact), "--input", f"x={path}"], capsys, watch=tmp_path)
+    assert f"--input x={path}: input 'x' contains 1 NaN or infinite value(s)" in err
+    assert "first nan at [0, 1, 2, 3]" in err
+    assert "--allow-non-finite" in err
+
+
+def test_run_allows_nan_with_flag(artifact, tmp_path, capsys):
+    path = tmp_path / "x.npy"
+    np.save(path, with_nan((1, 3, 8, 8), (0, 1, 2, 3)))
+    assert main(["run", str(artifact), "--input", f"x={path}", "--allow-non-finite"]) == 0
+    assert "y: float32[1, 5]" in capsys.readouterr().out
+
+
+def test_compile_rejects_nan_example(model_file, tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    x = with_nan((4, 3, 8, 8), (2, 0, 5, 5))
+    x[3, 1, 0, 0] = np.inf
+    np.savez(data, x=x)
+    err = compile_fails(model_file, tmp_path / "out", capsys, *SHAPE, "--data", str(data))
+    assert f"{data}: input 'x' contains 2 example(s) with NaN or infinite values: 2, 3" in err
+    assert "the backend" not in err  # the input is at fault, not the build
+
+
+def test_compile_rejects_nan_in_npy_folder(model_file, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    np.save(folder / "x.npy", with_nan((2, 3, 8, 8), (1, 0, 0, 0)))
+    err = compile_fails(model_file, tmp_path / "out", capsys, *SHAPE, "--data", str(folder))
+    assert f"{folder / 'x.npy'}: input 'x' contains 1 example(s) with NaN" in err
+
+
+def test_run_casts_float64_with_warning(artifact, tmp_path, capsys):
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 8, 8))
+    np.save(tmp_path / "x64.npy", x)
+    np.save(tmp_path / "x32.npy", x.astype(np.float32))
+    results = []
+    for name in ("x64", "x32"):
+        out = tmp_path / f"{name}.npz"
+        assert main(["run", str(artifact), "--input", f"x={tmp_path / name}.npy",
+                     "-o", str(out)]) == 0
+        results.append(np.load(out)["y"])
+    assert "casting input 'x' from float64 to float32" in capsys.readouterr().err
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_run_rejects_int_for_float_input(artifact, tmp_path, capsys):
+    path = tmp_path / "x.npy"
+    np.save(path, np.ones((1, 3, 8, 8), np.int32))
+    err = fails(["run", str(artifact), "--input", f"x={path}"], capsys, watch=tmp_path)
+    assert f"--input x={path}: input 'x' is int32, but the model expects float32" in err
+
+
+def test_compile_data_dtype_rule_matches_run(model_file, tmp_path, capsys):
+    data = tmp_path / "ints.npz"
+    np.savez(data, x=np.ones((2, 3, 8, 8), np.int64))
+    err = compile_fails(model_file, tmp_path / "out", capsys, *SHAPE, "--data", str(data))
+    assert f"{data}: input 'x' is int64, but the model expects float32" in err
+
+    data = tmp_path / "doubles.npz"
+    np.savez(data, x=np.random.default_rng(2).uniform(-1, 1, (2, 3, 8, 8)))
+    assert main(["compile", str(model_file), *SHAPE, "--data", str(data), "-o",
+                 str(tmp_path / "out")]) == 0
+    assert f"{data}: casting input 'x' from float64 to float32" in capsys.readouterr().err
+
+
+def test_labels_outside_classes(model_file, tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((3, 3, 8, 8), np.float32), labels=np.array([0, 4, 105]))
+    err = compile_fails(model_file, tmp_path / "out", capsys, *SHAPE, "--data", str(data))
+    assert f"{data}: 'labels' contains 1 value(s) outside [0, 5)" in err
+    assert "output 'y', shape [1, 5]), first 105 at example 2" in err
+
+
+def test_run_unknown_input_name(artifact, inputs, tmp_path, capsys):
+    err = fails(["run", str(artifact), "--input", f"image={inputs}"], capsys, watch=tmp_path)
+    assert f"--input image={inputs}: the model has no input named 'image'; its inputs: x" in err
+
+
+def test_run_checks_output_path_first(artifact, inputs, tmp_path, capsys):
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    for target in (folder, tmp_path / "missing" / "y.npz"):
+        assert main(["run", str(artifact), "--input", f"x={inputs}", "-o", str(target)]) == 2
+        captured = capsys.readouterr()
+        assert f"-o {target}:" in captured.err
+        assert captured.out == ""  # rejected before the model ran and printed its outputs
 
 
 # --- integer inputs outside the table they index ------------------------------------------------
@@ -591,6 +705,19 @@ def test_run_accepts_ids_inside_table(embedding_artifact, tmp_path, capsys):
     np.testing.assert_allclose(np.load(out)["output"], table[ids[0]].sum(0)[None], atol=1e-6)
 
 
+def test_run_casts_int32_ids(embedding_artifact, tmp_path, capsys):
+    np.save(tmp_path / "ids.npy", np.array([[0, 2, 5, 3, 9]], np.int32))
+    assert main(["run", str(embedding_artifact), "--input", str(tmp_path / "ids.npy")]) == 0
+    assert "casting input 'ids' from int32 to int64" in capsys.readouterr().err
+
+
+def test_run_rejects_float_ids(embedding_artifact, tmp_path, capsys):
+    np.save(tmp_path / "ids.npy", np.array([[0, 2, 5, 3, 9]], np.float32))
+    err = fails(["run", str(embedding_artifact), "--input", str(tmp_path / "ids.npy")], capsys,
+                watch=tmp_path)
+    assert "input 'ids' is float32, but the model expects int64" in err
+
+
 def test_compile_rejects_data_outside_table(tmp_path, capsys):
     module = write_module(tmp_path, EMBEDDING_MODULE)
     data = tmp_path / "data.npz"
@@ -609,3 +736,56 @@ def test_minilm_ids_above_vocabulary(tmp_path, capsys):
                         "--data", str(data))
     assert "tokens.npz: input 'input_ids' contains 1 index(es) outside [0, 30522)" in err
     assert "node 'bert.embeddings.word_embeddings' (op embedding)" in err
+
+
+# --- conflicting or missing paths in options -----------------------------------------------------
+
+
+def test_report_output_is_folder(artifact, tmp_path, capsys):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    err = fails(["report", str(artifact), "-o", str(folder)], capsys, watch=tmp_path)
+    assert f"cannot write {folder}: it is a folder; give a file name such as" in err
+
+
+def test_report_output_unwritable(artifact, capsys):
+    err = fails(["report", str(artifact), "-o", "/proc/graphcomp-report.html"], capsys)
+    assert "cannot write /proc/graphcomp-report.html (" in err
+
+
+@pytest.mark.parametrize("dump, out", [("o", "o"), ("o/dump", "o"), ("d", "d/out")])
+def test_dump_dir_overlapping_output(dump, out, model_file, tmp_path, capsys):
+    err = fails(["compile", str(model_file), *SHAPE, "--dump-dir", str(tmp_path / dump),
+                 "-o", str(tmp_path / out)], capsys, watch=tmp_path)
+    assert f"--dump-dir {tmp_path / dump} and -o {tmp_path / out} overlap" in err
+    assert "choose a dump folder outside it" in err
+
+
+@pytest.mark.parametrize("pipeline", ["", ",", "dce,,dce"])
+def test_empty_pass_names(pipeline, model_file, tmp_path, capsys):
+    err = compile_fails(model_file, tmp_path / "out", capsys, *SHAPE, "--passes", pipeline)
+    assert "write 'none' to run no passes" in err
+
+
+def test_inspect_empty_pipeline(model_file, capsys):
+    err = fails(["inspect", str(model_file), *SHAPE, "--after", ""], capsys)
+    assert "the pipeline is empty; write 'none'" in err
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_tune_db_missing_folder(position, tmp_path, capsys):
+    missing = tmp_path / "no-such-db"
+    option = ["--tuning-db", str(missing)]
+    for action in (["list"], ["prune", "--keep", "1"]):
+        args = ["tune-db", *option, *action] if position == "before" else \
+            ["tune-db", *action, *option]
+        err = fails(args, capsys, watch=tmp_path)
+        assert f"--tuning-db {missing}: folder not found" in err
+
+
+def test_tune_db_option_after_action(tmp_path, capsys):
+    # tune-db takes --tuning-db after its action as well as before it.
+    db = tmp_path / "db"
+    db.mkdir()
+    assert main(["tune-db", "list", "--tuning-db", str(db)]) == 0
+    assert f"no tuning records in {db}" in " ".join(capsys.readouterr().out.split())

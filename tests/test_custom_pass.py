@@ -17,7 +17,9 @@ import pytest
 import graphcomp
 from graphcomp import pipeline
 from graphcomp.cli import main
-from graphcomp.pipeline import available_passes, parse_pipeline, pass_package
+from graphcomp.errors import OptionError, PassError
+from graphcomp.ir import Graph, Node, Value
+from graphcomp.pipeline import PassManager, available_passes, parse_pipeline, pass_package
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "custom_pass"
@@ -46,6 +48,7 @@ def fresh_registry(monkeypatch):
     available_passes()
     monkeypatch.setattr(pipeline, "_REGISTRY", dict(pipeline._REGISTRY))
     monkeypatch.setattr(pipeline, "_PACKAGES", dict(pipeline._PACKAGES))
+    monkeypatch.setattr(pipeline, "_FAILED_PLUGINS", dict(pipeline._FAILED_PLUGINS))
     monkeypatch.setattr(pipeline, "_PLUGINS_LOADED", False)
 
 
@@ -105,6 +108,36 @@ def test_broken_plugin_warns_and_others_load(tmp_path, monkeypatch, fresh_regist
                for m in messages)
     assert len(messages) == 2
     assert parse_pipeline("dce")[0].name == "dce"
+
+
+def test_failed_plugin_named_as_unknown_pass(tmp_path, monkeypatch, fresh_registry, capsys):
+    write_dist_info(tmp_path, "broken-passes", "1.0",
+                    {"missing-module": "no_such_module_for_graphcomp:Pass"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(OptionError, match=r"unknown pass 'missing-module': the pass plugin "
+                                          r"'missing-module = no_such_module_for_graphcomp:Pass' "
+                                          r"of package 'broken-passes' failed to load "
+                                          r"\(ModuleNotFoundError"):
+        parse_pipeline("dce,missing-module")
+
+
+def test_failing_plugin_pass_names_package(tmp_path, monkeypatch, fresh_registry):
+    plugin = tmp_path / "raising_plugin.py"
+    plugin.write_text(
+        "from graphcomp.pipeline import Pass\n"
+        "class Raise(Pass):\n"
+        "    name = 'raise-boom'\n"
+        "    summary = 'raise ValueError'\n"
+        "    def run(self, graph, ctx):\n"
+        "        raise ValueError('boom')\n")
+    write_dist_info(tmp_path, "boom-passes", "1.0", {"raise-boom": "raising_plugin:Raise"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x, y = Value("x", (2, 3)), Value("y", (2, 3))
+    graph = Graph("one_relu", [x], [y], [Node("r", "relu", [x], [y])])
+
+    with pytest.raises(PassError, match=r"pass 'raise-boom' \(from package boom-passes\) "
+                                        r"failed: ValueError: boom \(passes already run: dce\)"):
+        PassManager("dce,raise-boom", verify=False).run(graph)
 
 
 def test_plugin_name_clash_warns(tmp_path, monkeypatch, fresh_registry, caplog):

@@ -25,7 +25,7 @@ from graphcomp.frontends.onnx_frontend import (
     build_graph, import_onnx, lower_constant_nodes, parse_input_shapes, simplify_model,
 )
 from graphcomp.ir import Constant
-from graphcomp.zoo import PPOCR_SHAPES, ppocr_path
+from graphcomp.zoo import PPOCR_SHAPES, ppocr_cls_labels, ppocr_inputs, ppocr_path
 
 FLOAT_TOLERANCE = 1e-5  # max abs error relative to max(1, max |reference|) for small graphs
 
@@ -764,3 +764,22 @@ def test_ppocr_matches_onnxruntime(name, shape):
         assert scale > 0.1, f"{name}: output scale {scale} too small to compare"
         assert error <= REAL_MODEL_TOLERANCE * scale, f"{name}: max error {error}"
     assert import_seconds < 60
+
+
+def test_ppocr_cls_inputs_cover_both_classes():
+    # Upright lines only would keep the classifier saturated on one class, which flatters the
+    # drift of a lossy pass; every second rendered line is upside down.
+    images = ppocr_inputs("cls", 4)
+    labels = ppocr_cls_labels(4)
+    assert labels.tolist() == [0, 1, 0, 1]
+    session = ort.InferenceSession(str(ppocr_path("cls")), providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, {"x": images})[0]
+    assert probabilities.argmax(axis=1).tolist() == labels.tolist()
+
+
+def test_ppocr_cls_default_data_has_labels():
+    from graphcomp.models_io import load_model
+
+    data = load_model("zoo:ppocr-cls").default_data
+    np.testing.assert_array_equal(data.batches[1]["x"], ppocr_inputs("cls", 4)[1:2])
+    assert data.labels.tolist() == [0, 1, 0, 1]

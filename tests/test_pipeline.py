@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from graphcomp import data, executor, pipeline
+from graphcomp.cli import main
 from graphcomp.errors import OptionError, PassError, ShapeError, VerificationError
 from graphcomp.ir import Constant, Graph, Node, Value
 from graphcomp.pipeline import (
@@ -225,9 +226,26 @@ def test_parse_default_pipeline():
     assert all(p.lossless for p in passes)
 
 
-@pytest.mark.parametrize("text", ["", "  ", "none", "NONE"])
-def test_parse_empty_pipeline(text):
+@pytest.mark.parametrize("text", ["none", "NONE", " none\n"])
+def test_parse_none_pipeline(text):
     assert parse_pipeline(text) == []
+
+
+@pytest.mark.parametrize("text", ["", "  ", "\n"])
+def test_parse_empty_text_rejected(text):
+    with pytest.raises(OptionError, match="the pipeline is empty; write 'none'"):
+        parse_pipeline(text)
+
+
+@pytest.mark.parametrize("text", [",", "dce,,dce", ",dce", "dce,", "dce, ,fuse"])
+def test_parse_empty_item_rejected(text):
+    with pytest.raises(OptionError, match=r"has an empty pass name .* write 'none'"):
+        parse_pipeline(text)
+
+
+def test_parse_one_pass_per_line():
+    passes = parse_pipeline("fold-bn,\nfuse,\n\ndce\n")
+    assert [p.name for p in passes] == ["fold-bn", "fuse", "dce"]
 
 
 def test_parse_typed_options_and_words():
@@ -333,7 +351,8 @@ def test_manager_writes_dump_files(graph, tmp_path):
 def test_manager_catches_corrupting_pass(graph):
     manager = PassManager("remove-identity,fold-bn,test-corrupt-weight", feeds=seeded_feeds(graph))
     with pytest.raises(PassError, match=r"pass 'test-corrupt-weight' failed: changed the outputs "
-                                        r"by .* \(passes already run: remove-identity, fold-bn\)"):
+                                        r"by .*rerun with --dump-dir DIR .*"
+                                        r"\(passes already run: remove-identity, fold-bn\)"):
         manager.run(graph)
 
 
@@ -527,3 +546,20 @@ def test_builtin_contracts_are_declared():
         assert "float" in passes[name].requires
     for name in ("fold-constants", "remove-identity", "fold-bn", "fuse", "dce"):
         assert passes[name].invalidates == ()
+
+
+def test_passes_command_shows_option_choices(capsys):
+    assert main(["passes", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["passes"]}
+    assert "measure:auto|true|false" in rows["lowrank"]["options"]
+    assert "method:auto|svd|tucker2|cp" in rows["lowrank"]["options"]
+    assert "criterion:l1|l2|bn|taylor" in rows["prune"]["options"]
+    assert "calib:minmax|percentile|mse" in rows["quantize"]["options"]
+    assert "sensitivity:bool" in rows["quantize"]["options"]
+    # Every listed choice is accepted, and a value outside them is not.
+    for name, cls in available_passes().items():
+        for key, allowed in cls.choices.items():
+            for value in allowed:
+                parse_pipeline(f"{name}:{key}={value}")
+            with pytest.raises(OptionError):
+                parse_pipeline(f"{name}:{key}=no-such-choice")

@@ -278,6 +278,20 @@ def test_static_int8_structure():
     assert result.nodes[1].inputs[3].dtype == "int32"
 
 
+@pytest.mark.parametrize("mode", ["int8", "dynamic", "weight-only"])
+def test_quantized_weights_count_as_params(mode):
+    graph, _ = small_cnn()
+    result = quantized(graph, f"quantize:{mode}", calibration=cnn_batches(3))
+    constants = result.constants()
+    integer = sum(c.size for c in constants if c.name.endswith(("weight_q", "bias_q")))
+    floats = sum(c.size for c in constants if c.data.dtype == np.float32)
+    assert integer > 0  # the quantized weights, which the count once left out
+    # Every weight and bias survives quantization as an int8 weight, an int32 bias or a float,
+    # and the per-channel scales come on top; zero points do not count.
+    assert graph_stats(result).params == integer + floats
+    assert graph_stats(result).params >= graph_stats(graph).params
+
+
 def test_static_int8_matches_float_and_backends():
     graph, _ = small_cnn()
     calibration = cnn_batches(8)

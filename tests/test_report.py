@@ -162,6 +162,24 @@ def test_report_command_rejects_bad_input(tmp_path, capsys, content, message):
     assert not (tmp_path / "report.html").exists()
 
 
+def test_report_command_accepts_report_json_path(tmp_path, digits_report, capsys):
+    (tmp_path / "report.json").write_text(json.dumps(digits_report))
+
+    code = main(["report", str(tmp_path / "report.json")])
+
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_report_command_rejects_other_file(tmp_path, capsys):
+    (tmp_path / "graph.txt").write_text("")
+
+    code = main(["report", str(tmp_path / "graph.txt")])
+
+    assert code == 2
+    assert "graph.txt is a file; give the output folder" in capsys.readouterr().err
+
+
 # --- in a real browser ------------------------------------------------------------------------
 
 

@@ -455,3 +455,64 @@ def test_tuning_through_rpc_tracker(tmp_path):
     built = build(graph, "cpu", tuning_database=result.database)
     expected = executor.run(graph, feeds)["y"]
     assert relative_error(expected, built.run(feeds)["y"]) <= 1e-5
+
+
+# --- TVM's native log lines --------------------------------------------------------------------
+
+
+NATIVE_LOGGER = "graphcomp.backends.tvm.native_log"
+
+
+@pytest.fixture
+def captured_log_only(caplog, monkeypatch):
+    """Keep only caplog's handler on the root logger, so that a handler that an earlier CLI
+    call installed does not print the logged lines to stderr."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [caplog.handler])
+    return caplog
+
+
+def test_native_schedule_warning_goes_to_log(capfd, captured_log_only):
+    # MetaSchedule warns "Unknown schedule rule meta_schedule.pool_max" from C++ straight to
+    # file descriptor 2 while it generates the search space of a max-pool kernel.
+    from tvm import te, topi
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphcomp.backends.tvm.native_log import native_log_to_logger
+    from graphcomp.backends.tvm.targets import export_json
+    from graphcomp.backends.tvm.tuning_workers import register_tensor_intrinsics
+
+    target = resolve_target("cpu")
+    # Without this, TuneContext imports every target's tensor intrinsics (tens of seconds).
+    register_tensor_intrinsics(export_json(target))
+    x = te.placeholder((1, 4, 8, 8), name="x")
+    y = topi.nn.pool2d(x, (2, 2), (2, 2), (1, 1), (0, 0, 0, 0), "max")
+    module = tvm.IRModule({"main": te.create_prim_func([x, y])})
+    context = ms.TuneContext(mod=module, target=target,
+                             space_generator="post-order-apply", task_name="pool", num_threads=1)
+    with captured_log_only.at_level(logging.INFO, logger=NATIVE_LOGGER), \
+            native_log_to_logger():
+        spaces = context.generate_design_space()
+
+    assert spaces
+    assert "Unknown schedule rule" not in capfd.readouterr().err
+    logged = [record.getMessage() for record in captured_log_only.records
+              if record.name == NATIVE_LOGGER]
+    assert any("Unknown schedule rule" in line for line in logged)
+    assert any("cpu.meta_schedule.pool_max" in line for line in logged)  # continuation line
+
+
+def test_native_log_passes_other_output_on(capfd, captured_log_only):
+    from graphcomp.backends.tvm.native_log import native_log_to_logger
+
+    with captured_log_only.at_level(logging.INFO, logger=NATIVE_LOGGER), \
+            native_log_to_logger():
+        os.write(2, b"\r\x1b[2Kbar 3/10")  # a progress bar redraw, no newline
+        os.write(2, b"[00:01:02] /src/rule.cc:64: Warning: native\n  continued\n")
+        os.write(2, b"[warning] a Python line\n  indented, not TVM's\n")
+
+    err = capfd.readouterr().err
+    assert err == "\r\x1b[2Kbar 3/10[warning] a Python line\n  indented, not TVM's\n"
+    logged = [record.getMessage() for record in captured_log_only.records
+              if record.name == NATIVE_LOGGER]
+    assert logged == ["TVM: [00:01:02] /src/rule.cc:64: Warning: native", "TVM:   continued"]

@@ -221,10 +221,16 @@ def _check_library_digest(path: Path, manifest: dict[str, Any]) -> None:
         )
     actual = _file_digest(path)
     if actual != {"bytes": expected.get("bytes"), "sha256": expected["sha256"]}:
+        recorded = expected.get("bytes")
+        if actual["bytes"] == recorded:
+            size = "the size is unchanged"
+        elif isinstance(recorded, int) and actual["bytes"] < recorded:
+            size = f"truncated to {actual['bytes']} of {recorded} bytes"
+        else:
+            size = f"{actual['bytes']} bytes, the manifest records {recorded}"
         raise ArtifactError(
-            f"{path}: the library is {actual['bytes']} bytes with a checksum that differs from "
-            f"the manifest ({expected.get('bytes')} bytes): the file is truncated or was "
-            "changed; compile the model again"
+            f"{path} does not match the checksum in {MANIFEST_FILE}: the file changed after "
+            f"compile ({size}); compile the model again"
         )
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from graphcomp.errors import BackendError, OptionError
 from graphcomp.ir import Graph
 
+from .native_log import native_log_to_logger
 from .tuning_db import TargetDatabase, TuningDatabase, WorkloadEntry
 
 if TYPE_CHECKING:
@@ -360,20 +361,23 @@ def tune(
     tvm_target = resolve_target(target)
     started = time.perf_counter()
     database = TuningDatabase(options.database).for_target(tvm_target)
-    plans = _plan(extract_tasks(graph, tvm_target), database, options.trials,
-                  options.allocation)
-    tracker = _Progress(plans, progress)
-    pending = [p for p in plans if p.remaining > 0]
-    logger.info(
-        "%d tuning tasks, %d with enough records in %s, %d to tune",
-        len(plans), tracker.reused, database.path, len(pending),
-    )
-    tracker.report()
-    if pending:
-        _check_measurable(tvm_target, target, options)
-        with database.locked():
-            _run_session(pending, plans, tvm_target, database, options, tracker)
-    tracker.report()
+    # MetaSchedule's C++ code writes warnings such as "Unknown schedule rule" for every
+    # pooling kernel straight to stderr; they go to the INFO log instead.
+    with native_log_to_logger():
+        plans = _plan(extract_tasks(graph, tvm_target), database, options.trials,
+                      options.allocation)
+        tracker = _Progress(plans, progress)
+        pending = [p for p in plans if p.remaining > 0]
+        logger.info(
+            "%d tuning tasks, %d with enough records in %s, %d to tune",
+            len(plans), tracker.reused, database.path, len(pending),
+        )
+        tracker.report()
+        if pending:
+            _check_measurable(tvm_target, target, options)
+            with database.locked():
+                _run_session(pending, plans, tvm_target, database, options, tracker)
+        tracker.report()
     seconds = time.perf_counter() - started
     return TuningResult(
         database=_best_records_database(plans, database),
