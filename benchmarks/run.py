@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,10 +33,31 @@ RESULTS = Path(__file__).with_name("results.md")
 
 
 
-def onnxruntime_ms(path: str, feeds, repeat: int) -> float:
+THREADS: int | None = None  # set by --threads; None leaves each library's default
+
+
+def set_threads(count: int) -> None:
+    """Run ONNX Runtime, PyTorch and TVM on ``count`` threads. TVM reads TVM_NUM_THREADS when
+    its thread pool starts, so this must run before the first TVM model runs."""
+    global THREADS
+    import torch
+
+    THREADS = count
+    os.environ["TVM_NUM_THREADS"] = str(count)
+    torch.set_num_threads(count)
+
+
+def ort_session(model):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if THREADS is not None:
+        options.intra_op_num_threads = THREADS
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_ms(path: str, feeds, repeat: int) -> float:
+    session = ort_session(path)
     return median_ms(lambda: session.run(None, feeds), repeat)
 
 
@@ -78,10 +100,7 @@ def _torch_via_onnxruntime(loaded, feeds, repeat: int) -> float | None:
         from graphcomp.backends.onnx_export import export_onnx_bytes
     except ImportError:
         return None
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(export_onnx_bytes(loaded.graph),
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(export_onnx_bytes(loaded.graph))
     return median_ms(lambda: session.run(None, feeds), repeat)
 
 
@@ -91,6 +110,7 @@ def format_table(rows: list[dict], repeat: int) -> str:
 
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {machine_description()}, "
+        f"{'default threads' if THREADS is None else f'{THREADS} thread(s) per library'}, "
         f"median of {repeat} runs, "
         "batch 1, fp32, default pass pipeline. 'graphcomp' is untuned (default TVM schedules); "
         "'tuned' uses MetaSchedule records of the tuning database (tuning time in 'tune s', 0 "
@@ -121,12 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(ZOO), help="comma-separated zoo names")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per figure")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help=f"Markdown file to write (default {RESULTS.name} in this folder)")
     parser.add_argument("--tune", action="store_true",
                         help="also measure a MetaSchedule-tuned build (reuses --tuning-db)")
     parser.add_argument("--trials", type=int, default=8, help="tuning trials per kernel")
     parser.add_argument("--tuning-db", type=Path, default=None,
                         help="tuning database folder (default: the user's cache folder)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of ONNX Runtime, PyTorch and TVM (default: each one's "
+                             "own default, all cores)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        set_threads(args.threads)
     tuning = None
     if args.tune:
         tuning = tvm_backend.TuningOptions(trials=args.trials, database=args.tuning_db)
@@ -137,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, args.repeat)
     print(table)
     if not args.no_write:
-        write_text_atomic(RESULTS, "# Benchmark results\n\n" + table)
+        write_text_atomic(args.results, "# Benchmark results\n\n" + table)
     return 0
 
 
