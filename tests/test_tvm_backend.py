@@ -273,7 +273,7 @@ def test_load_rejects_weights_not_in_manifest(artifact):
 
 def test_load_rejects_corrupt_library(artifact):
     (artifact / "model.so").write_bytes(b"not a shared library")
-    with pytest.raises(ArtifactError, match="truncated or was changed"):
+    with pytest.raises(ArtifactError, match="does not match the checksum in manifest.json"):
         load_artifact(artifact)
 
 
@@ -281,7 +281,7 @@ def test_load_rejects_truncated_library(artifact):
     # dlopen of a truncated library crashes the process, so the checksum must catch it first.
     library = artifact / "model.so"
     library.write_bytes(library.read_bytes()[:1000])
-    with pytest.raises(ArtifactError, match="1000 bytes"):
+    with pytest.raises(ArtifactError, match=r"truncated to 1000 of \d+ bytes"):
         load_artifact(artifact)
 
 
