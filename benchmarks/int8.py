@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated cases (default: {','.join(MODELS)})")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per figure (default 5)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help=f"Markdown file to write (default {RESULTS.name} in this folder)")
     parser.add_argument("--tuning-db", type=Path, default=None,
                         help="also measure a MetaSchedule-tuned int8 build, with this tuning "
                              "database folder")
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, args.repeat, (start_load, os.getloadavg()))
     print(table)
     if not args.no_write:
-        write_text_atomic(RESULTS, "# Int8 benchmark results\n\n" + table)
+        write_text_atomic(args.results, "# Int8 benchmark results\n\n" + table)
     return 0
 
 
