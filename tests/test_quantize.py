@@ -891,7 +891,11 @@ def test_tuned_int8_digits_compile_verifies(tmp_path):
     report = json.loads((out / "report.json").read_text())
     tuning = report["tuning"]
     assert tuning["trials"] > 0
-    assert tuning["applied_tasks"] == tuning["tasks"] > 0
+    # With 2 trials a kernel may get only candidates that MetaSchedule fails to build; it
+    # then keeps TVM's default schedule. Every kernel with a working schedule is applied.
+    assert tuning["tasks"] > 0
+    assert tuning["applied_tasks"] == tuning["tasks"] - len(tuning["untuned_tasks"])
+    assert tuning["applied_tasks"] >= tuning["tasks"] // 2
     assert report["data"]["held_out"] is True
     assert report["data"]["calibration_batches"] == 32
     assert report["data"]["batches"] == 32  # the held-out half of 64
