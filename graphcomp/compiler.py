@@ -570,7 +570,7 @@ def publish_output(staging: Path, out_dir: Path) -> None:
 
 def _check_dump_dir_apart(dump_dir: Path, out_dir: Path) -> None:
     """Raise OptionError when the dump folder and the output folder are the same or one lies
-    inside the other: publishing the output replaces the whole -o folder, which would delete the
+    inside the other. Publishing the output replaces the whole -o folder, so it would delete the
     dumps or make the output look like a folder that is not graphcomp's."""
     dump, out = dump_dir.resolve(), out_dir.resolve()
     if dump == out or out in dump.parents or dump in out.parents:

@@ -112,7 +112,7 @@ class _WeightDigests:
     graph copies, so the same array object keeps its digest from pass to pass.
 
     NOTE: every array seen stays alive until the digests are dropped, so a trace of a pipeline
-    that rewrites large weights in several passes holds each version in memory.
+    that rewrites large weights in several passes keeps each version in memory.
     """
 
     def __init__(self) -> None:

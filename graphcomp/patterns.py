@@ -387,8 +387,10 @@ def replace_match(graph: Graph, match: Match, new_nodes: list[Node]) -> bool:
 
 def replace_with_value(graph: Graph, match: Match, replacement: Value) -> bool:
     """Make readers of the root's single output read ``replacement``, then remove the matched
-    nodes that nothing reads any more; return False and change nothing when the types differ
-    or the root writes a graph output that ``replacement`` cannot take over."""
+    nodes that nothing reads any more.
+
+    Return False and change nothing when the types differ, or when the root writes a graph
+    output that ``replacement`` cannot take over."""
     root = match.root
     if len(root.outputs) != 1:
         return False
@@ -481,9 +483,11 @@ def _apply_first(graph: Graph, index: GraphIndex, node: Node, rules: tuple[Rule,
 
 
 class RewritePass(Pass):
-    """A pass made of rewrite rules. A subclass sets ``name``, ``summary`` and ``rules`` (a
-    tuple of Rule), or overrides ``get_rules`` to build them on first use; ``run`` applies
-    them until none matches and counts the rewrites per rule."""
+    """A pass made of rewrite rules.
+
+    A subclass sets ``name``, ``summary`` and ``rules`` (a tuple of Rule), or overrides
+    ``get_rules`` to build them on first use. ``run`` applies them until none matches and
+    counts the rewrites per rule."""
 
     rules: ClassVar[tuple[Rule, ...]] = ()
 
@@ -500,8 +504,8 @@ class RewritePass(Pass):
 
 def make_node(graph: Graph, op: str, inputs: Sequence[Value], name: str,
               **attrs: Any) -> Node:
-    """Create a one-output node (not yet in ``graph``) with a fresh output value whose shape
-    and dtype come from shape inference; ``name`` is the base of its unique names."""
+    """Create a one-output node (not yet in ``graph``) with a new output value whose shape
+    and dtype come from shape inference. ``name`` is the base of its unique names."""
     node_name = graph.unique_name(name)
     node = Node(node_name, op, list(inputs), [Value(node_name, ())], dict(attrs))
     (shape, dtype), = infer_node(node)

@@ -406,8 +406,8 @@ def check_requirements(passes: Sequence[Pass], graph: Graph | None = None) -> No
     """Raise OptionError when a pass's ``requires`` are not met before it.
 
     A required pass must run earlier. A required property must not be invalidated by an
-    earlier pass unless a pass between establishes it again; given the input ``graph``, it
-    must also hold there unless an earlier pass establishes it.
+    earlier pass unless a pass between establishes it again. Given the input ``graph``, it
+    must also be true there unless an earlier pass establishes it.
     """
     # Per property: None while it may hold, else why it does not.
     missing_because: dict[str, str | None] = dict.fromkeys(PROPERTIES)

@@ -3,10 +3,10 @@
 Every case checks the exit code (2 for bad input, 1 for an internal error) and that the message
 names the file (and the node and op where there is one). It also checks that no output was half
 written: the output folder is absent or unchanged, and no staging folder is left beside it.
-tests/test_cli.py covers the cases this file leaves out: a missing or random-bytes model file,
-unsupported op types alone, dynamic dims without --input-shape, an input shape that contradicts
-the model's fixed dims, an unknown pass name, an output path that is a file or lies below one,
-and a truncated model.so.
+tests/test_cli.py covers the cases this file leaves out. They are a missing or random-bytes
+model file, unsupported op types alone, dynamic dims without --input-shape, and an input shape
+that contradicts the model's fixed dims. Also an unknown pass name, an output path that is a
+file or lies below one, and a truncated model.so.
 """
 
 from __future__ import annotations

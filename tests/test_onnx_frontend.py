@@ -767,8 +767,8 @@ def test_ppocr_matches_onnxruntime(name, shape):
 
 
 def test_ppocr_cls_inputs_cover_both_classes():
-    # Upright lines only would keep the classifier saturated on one class, which flatters the
-    # drift of a lossy pass; every second rendered line is upside down.
+    # Every second rendered line is upside down, because upright lines alone keep the
+    # classifier saturated on one class and make a lossy pass's drift look smaller.
     images = ppocr_inputs("cls", 4)
     labels = ppocr_cls_labels(4)
     assert labels.tolist() == [0, 1, 0, 1]

@@ -135,7 +135,8 @@ class ReturnsBool(Pass):
 
 
 class AddDeadNode(Pass):
-    """Adds a node nobody reads, without declaring that it invalidates 'no-dead-code'."""
+    """Pass that adds a node no other node reads, without declaring that it invalidates
+    'no-dead-code'."""
 
     name = "test-add-dead-node"
     summary = "test only: leave dead code"

@@ -511,7 +511,7 @@ def test_batch_norm_folds_across_channel_ops(between):
     assert_outputs_close(graph, result, feeds)
 
 
-def test_batch_norm_stays_when_chain_value_is_read_elsewhere():
+def test_batch_norm_kept_when_chain_shared():
     # x -> conv 1x1 -> mul -> batch_norm -> y;  the mul's output is a graph output too
     b = Builder(seed=3)
     x = b.input("x", (1, 2, 3, 3))

@@ -286,8 +286,8 @@ def test_quantized_weights_count_as_params(mode):
     integer = sum(c.size for c in constants if c.name.endswith(("weight_q", "bias_q")))
     floats = sum(c.size for c in constants if c.data.dtype == np.float32)
     assert integer > 0  # the quantized weights, which the count once left out
-    # Every weight and bias survives quantization as an int8 weight, an int32 bias or a float,
-    # and the per-channel scales come on top; zero points do not count.
+    # Each weight and bias becomes an int8 weight, an int32 bias or a float, and the
+    # per-channel scales add to them. Zero points do not count.
     assert graph_stats(result).params == integer + floats
     assert graph_stats(result).params >= graph_stats(graph).params
 

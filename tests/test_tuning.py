@@ -351,7 +351,7 @@ def test_flops_allocation_gives_heavy_tasks_more_trials():
     assert budgets == [32, 4, 4, 4]
 
 
-def test_flops_allocation_caps_budgets_and_keeps_single_task_budget():
+def test_flops_budgets_capped_single_task_kept():
     assert trial_budgets([1.0], trials=8) == [8]
     assert trial_budgets([5.0, 5.0], trials=8) == [8, 8]
     many = [1000.0] + [0.001] * 99

@@ -18,7 +18,7 @@ class SelfCat(nn.Module):  # C = 8; one tensor is concatenated with itself
 
     def forward(self, x):
         y = self.a(x)
-        return self.b(torch.cat([y, y], dim=1))  # b[0] sees channel i at positions i and i+C
+        return self.b(torch.cat([y, y], dim=1))  # b[0] reads channel i at positions i and i+C
 
 
 m, x = SelfCat().eval(), torch.randn(1, 8, 7, 7)
