@@ -149,10 +149,12 @@ def _build_parser() -> argparse.ArgumentParser:
                              "with enough records in the tuning database are reused")
     tuning.add_argument("--trials", type=int, default=8, metavar="N",
                         help="measured candidates per kernel, on average (default 8)")
-    tuning.add_argument("--trial-allocation", choices=("flops", "even"), default="flops",
-                        help="'flops' (default) gives a kernel with k times the average "
-                             "FLOPs about k times the trials (N/2 to 16N); 'even' gives "
-                             "each kernel N")
+    tuning.add_argument("--trial-allocation", choices=("time", "flops", "even"),
+                        default="time",
+                        help="'time' (default) spends N/2 per kernel as 'flops' does, then "
+                             "N/2 in proportion to each kernel's measured time; 'flops' "
+                             "gives a kernel with k times the average FLOPs about k times "
+                             "the trials (N/2 to 16N); 'even' gives each kernel N")
     _add_tuning_db_argument(tuning)
     tuning.add_argument("--rpc-tracker", metavar="HOST:PORT",
                         help="measure candidates on the devices of this TVM RPC tracker")

@@ -69,7 +69,7 @@ class CompileOptions:
     benchmark_repeat: int = 5
     tune: bool = False  # tune the kernels with MetaSchedule before building
     trials: int = 8  # tuning trials per task (kernel), on average
-    trial_allocation: str = "flops"  # "flops": more trials for the heavy kernels; "even"
+    trial_allocation: str = "time"  # "time", "flops": more trials for slow/heavy kernels; "even"
     tuning_db: Path | None = None  # tuning database folder; None is the user's cache folder
     rpc_tracker: str | None = None  # HOST:PORT of a TVM RPC tracker to measure on
     rpc_key: str | None = None  # device key registered at that tracker

@@ -27,6 +27,8 @@ MODES = ("int8", "dynamic", "weight-only")
 ACTIVATION_DTYPES = ("int8", "uint8")
 # Float op -> its int8 form in static mode.
 STATIC_OPS = {"conv2d": "qconv2d", "linear": "qlinear", "conv_transpose2d": "qconv_transpose2d"}
+# The float ops that static mode selects. Which matmuls it quantizes: see quantizable_layers.
+STATIC_MODE_OPS = (*STATIC_OPS, "matmul")
 WEIGHT_ONLY_OPS = ("conv2d", "linear", "conv_transpose2d")
 # The weight axis of each layer's output channels, which get one scale each.
 WEIGHT_AXES = {"conv2d": 0, "linear": 0, "conv_transpose2d": 1}
@@ -79,6 +81,9 @@ class Quantize(Pass):
       It is off by default because one calibrated range must then fit attention scores that
       vary from input to input. On PP-OCRv4 rec it changed the decoded text of 12 held-out
       lines little (benchmarks/int8.py).
+      A matmul whose second operand is a constant 2-D matrix W is a linear layer without
+      bias: static mode always quantizes it as ``qlinear`` with weight ``W.T``, one scale per
+      column of W.
     - ``dynamic``: linear layers become ``dynamic_qlinear``, with int8 weights and inputs
       quantized at run time with one range per row (per token). That suits transformers,
       whose activation ranges vary per input. On all-MiniLM-L6-v2, per-row ranges raised the
@@ -99,10 +104,11 @@ class Quantize(Pass):
     the layers. Do not run ``fold-constants`` after weight-only mode: it would compute the
     dequantized weights back into float constants.
 
-    Does not cover yet: grouped conv_transpose2d, matmul with a constant operand, int8
-    versions of pooling, add and concat (they run in float between dequantize and quantize),
-    and a fused activation other than relu in static mode, which becomes its own float op
-    after the int8 layer.
+    Does not cover yet: grouped conv_transpose2d, a matmul whose first operand is the
+    constant, a constant matmul in dynamic and weight-only modes, int8 versions of pooling,
+    add and concat (they run in float between dequantize and quantize), and a fused
+    activation other than relu in static mode, which becomes its own float op after the int8
+    layer.
 
     Example (int8, calibrated on x = [[3.984375, 0]], which gives y = [[-2, 5.96875]]; the
     attributes of fc are left out below: x_scale=0.015625, x_zero_point=0, y_scale=0.03125,
@@ -170,9 +176,9 @@ class Quantize(Pass):
         """Return the layers and embedding tables to quantize and how many ``skip`` keeps
         float. Static mode leaves embedding tables alone."""
         mode = self.config["mode"]
-        ops = {"int8": static_ops(self.config["matmul"]), "dynamic": ("linear",),
+        ops = {"int8": STATIC_MODE_OPS, "dynamic": ("linear",),
                "weight-only": WEIGHT_ONLY_OPS}[mode]
-        layers = quantizable_layers(graph, ops)
+        layers = quantizable_layers(graph, ops, activation_matmuls=self.config["matmul"])
         tables = embedding_layers(graph) if mode != "int8" else []
         patterns = parse_patterns(self.config["skip"])
         check_patterns_match(graph, layers + tables, patterns)
@@ -208,14 +214,19 @@ class Quantize(Pass):
         return details
 
 
-def static_ops(matmul: bool) -> tuple[str, ...]:
-    """Return the float ops that static int8 mode quantizes."""
-    return (*STATIC_OPS, "matmul") if matmul else tuple(STATIC_OPS)
-
-
 def activation_inputs(layer: Node) -> list[Value]:
     """Return the inputs of ``layer`` that are activations, quantized per tensor."""
-    return list(layer.inputs[:2]) if layer.op == "matmul" else [layer.inputs[0]]
+    if layer.op == "matmul" and not is_constant_matmul(layer):
+        return list(layer.inputs[:2])
+    return [layer.inputs[0]]
+
+
+def is_constant_matmul(node: Node) -> bool:
+    """Return whether ``node`` is matmul(x, W) with x a float32 activation and W a constant
+    float32 [K, N]: a linear layer without bias."""
+    x = node.inputs[0]
+    return (node.op == "matmul" and not isinstance(x, Constant) and x.dtype == "float32"
+            and _float_constant(node.inputs[1], 2))
 
 
 def _check_choice(option: str, value: str, choices: Sequence[str]) -> None:
@@ -258,18 +269,24 @@ def _float_constant(value: Value | None, rank: int | None = None) -> bool:
     )
 
 
-def quantizable_layers(graph: Graph, ops: Sequence[str]) -> list[Node]:
+def quantizable_layers(graph: Graph, ops: Sequence[str],
+                       activation_matmuls: bool = True) -> list[Node]:
     """Return the nodes of ``ops`` with a float32 input, a constant float32 weight and a
-    constant (or no) bias, and the matmuls of two float32 activations of rank 2 or more, in
-    graph order. Other layers stay float, with a debug log."""
+    constant (or no) bias, in graph order. Among matmuls: those with a constant 2-D second
+    operand, and with ``activation_matmuls`` those of two float32 activations of rank 2 or
+    more. Other layers stay float, with a debug log."""
     layers = []
     for node in graph.nodes:
         if node.op not in ops:
             continue
-        if node.op == "matmul":
-            usable = all(value.dtype == "float32" and value.rank >= 2
-                         and not isinstance(value, Constant) for value in node.inputs)
-            reason = "it needs two float32 activations of rank 2 or more"
+        if node.op == "matmul" and is_constant_matmul(node):
+            usable, reason = True, ""
+        elif node.op == "matmul":
+            usable = activation_matmuls and all(
+                value.dtype == "float32" and value.rank >= 2
+                and not isinstance(value, Constant) for value in node.inputs)
+            reason = ("it needs two float32 activations of rank 2 or more and the option "
+                      "matmul=true, or a constant 2-D second operand")
         else:
             bias = node.inputs[2] if len(node.inputs) == 3 else None
             usable = (node.inputs[0].dtype == "float32"
@@ -423,6 +440,24 @@ def unfuse_activations(graph: Graph, layers: Sequence[Node], created_by: str) ->
     return count
 
 
+def constant_matmuls_to_linear(graph: Graph, positions: Sequence[int], created_by: str) -> int:
+    """matmul(x, W) -> linear(x, W.T) for the matmuls with a constant operand at ``positions``
+    of ``graph``, in place, so that static mode quantizes them as linear layers (weight
+    scales per column of W). Returns the count."""
+    count = 0
+    for position in positions:
+        node = graph.nodes[position]
+        if not is_constant_matmul(node):
+            continue
+        x, matrix = node.inputs
+        weight = new_constant(graph, f"{node.name}.weight",
+                              np.ascontiguousarray(matrix.data.T))
+        graph.nodes[position] = Node(node.name, "linear", [x, weight], list(node.outputs), {},
+                                     created_by)
+        count += 1
+    return count
+
+
 @dataclass
 class StaticCalibration:
     """A float copy of the graph whose layers at ``positions`` will become int8, and the
@@ -442,6 +477,7 @@ class StaticCalibration:
         ranges of their activation inputs and outputs over ``batches``."""
         positions = [graph.nodes.index(layer) for layer in layers]
         working = graph.copy()
+        constant_matmuls_to_linear(working, positions, Quantize.name)
         targets = [working.nodes[position] for position in positions]
         unfused = unfuse_activations(working, targets, Quantize.name)
         values = list({id(v): v for t in targets
@@ -495,7 +531,7 @@ def sensitivity(graph: Graph, feeds: Mapping[str, np.ndarray],
     (default: ``feeds``); ``graph`` is not changed."""
     options = Quantize(calib=calib, percentile=percentile, activations=activations, skip=skip)
     patterns = parse_patterns(skip)
-    layers = quantizable_layers(graph, static_ops(matmul))
+    layers = quantizable_layers(graph, STATIC_MODE_OPS, activation_matmuls=matmul)
     check_patterns_match(graph, layers, patterns)
     chosen = [layer for layer in layers if not _skipped(layer, patterns)]
     ctx = PassContext(feeds=dict(feeds), calibration=calibration)

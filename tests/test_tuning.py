@@ -41,6 +41,8 @@ from graphcomp.backends.tvm import (  # noqa: E402
 from graphcomp.backends.tvm.tuning import (  # noqa: E402
     MAX_BUDGET_FACTOR,
     extract_tasks,
+    first_round_trials,
+    time_budgets,
     trial_budgets,
 )
 from graphcomp.backends.tvm.tuning_db import (  # noqa: E402
@@ -364,7 +366,7 @@ def test_flops_budgets_capped_single_task_kept():
 def test_even_allocation_and_uncountable_flops_give_trials_each():
     assert trial_budgets([13.0, 2.0, 1.0], trials=8, allocation="even") == [8, 8, 8]
     assert trial_budgets([0.0, 0.0], trials=8) == [8, 8]
-    with pytest.raises(OptionError, match="trial allocation must be one of flops, even"):
+    with pytest.raises(OptionError, match="trial allocation must be one of time, flops, even"):
         TuningOptions(allocation="greedy").check()
 
 
@@ -516,3 +518,63 @@ def test_native_log_passes_other_output_on(capfd, captured_log_only):
     logged = [record.getMessage() for record in captured_log_only.records
               if record.name == NATIVE_LOGGER]
     assert logged == ["TVM: [00:01:02] /src/rule.cc:64: Warning: native", "TVM:   continued"]
+
+
+def test_time_allocation_gives_slow_tasks_more_trials():
+    # Times 10, 4, 1, 1 ms: relative to the 4 ms average 2.5 -> 2x, 1 -> 1x, 0.25 -> none.
+    assert time_budgets([0.010, 0.004, 0.001, 0.001], trials=4) == [8, 4, 0, 0]
+    # A task without a working schedule gets the average.
+    assert time_budgets([0.002, float("inf")], trials=4) == [4, 4]
+    many = [1.0] + [1e-6] * 99
+    assert time_budgets(many, trials=4)[0] == 4 * MAX_BUDGET_FACTOR
+
+
+def test_time_allocation_splits_trials_in_two_rounds():
+    assert first_round_trials(16, "time") == 8
+    assert first_round_trials(1, "time") == 1
+    assert first_round_trials(16, "flops") == 16
+
+
+def same_matmul_twice() -> Graph:
+    """relu(x @ w1) and x @ w2 with the same shapes: two tasks, one anchor block."""
+    rng = np.random.default_rng(4)
+    x = Value("x", (64, 256))
+    p1, y1, y2 = Value("p1", ()), Value("y1", ()), Value("y2", ())
+    w1, w2 = (Constant(name, (rng.standard_normal((256, 256)) * 0.1).astype(np.float32))
+              for name in ("w1", "w2"))
+    nodes = [Node("mm1", "matmul", [x, w1], [p1]), Node("relu", "relu", [p1], [y1]),
+             Node("mm2", "matmul", [x, w2], [y2])]
+    graph = Graph("same_matmul_twice", [x], [y1, y2], nodes)
+    infer_shapes(graph)
+    return graph
+
+
+@pytest.mark.slow
+def test_schedule_moves_to_task_with_same_anchor(tmp_path):
+    from graphcomp.backends.tvm.tuning import _best_records_database, _plan, _Progress, _Session
+
+    graph = same_matmul_twice()
+    target = resolve_target("cpu")
+    options = TuningOptions(trials=2, allocation="even", database=tmp_path)
+    tune(graph, "cpu", options)
+    database = TuningDatabase(tmp_path).for_target(target)
+    plans = {p.name: p for p in _plan(extract_tasks(graph, target), database, 2)}
+    assert set(plans) == {"matmul", "fused_matmul_relu"}
+    # Pretend the fused task is far slower: it must receive the plain matmul's schedule (a
+    # schedule moves from the fused task to the plain one only where its trace applies).
+    plans["fused_matmul_relu"].best_seconds = 1.0
+    received = plans["fused_matmul_relu"]
+    stored = len(received.entry.records)  # 2, or 3 if tune moved a schedule already
+    with _Session(target, "cpu", database, options) as session:
+        session._start()
+        session.transfer_schedules(list(plans.values()), _Progress(list(plans.values()), None))
+    assert len(received.entry.records) == stored + 1
+    assert received.entry.records[-1].mean_seconds < 1.0  # measured, not failed
+    assert received.best_seconds < 1.0
+    # The build applies the moved schedule to the fused task and still computes relu(x @ w1).
+    best = _best_records_database(list(plans.values()), database)
+    feeds = feeds_for(graph)
+    outputs = build(graph, "cpu", tuning_database=best).run(feeds)
+    expected = executor.run(graph, feeds)
+    assert relative_error(expected["y1"], outputs["y1"]) <= 1e-5
+    assert relative_error(expected["y2"], outputs["y2"]) <= 1e-5

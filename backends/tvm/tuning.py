@@ -49,9 +49,8 @@ logger = logging.getLogger(__name__)
 SEARCH_LOGGER = "tvm.s_tir.meta_schedule.graphcomp"
 # Records of a task that seed its evolutionary search when tuning resumes.
 SEED_RECORDS = 64
-ALLOCATIONS = ("flops", "even")
-# With "flops" allocation a task's budget is ``trials`` times a power of two between
-# 1/2 and this factor.
+ALLOCATIONS = ("time", "flops", "even")
+# A task's budget is at most ``trials`` times this factor.
 MAX_BUDGET_FACTOR = 16
 
 
@@ -80,8 +79,9 @@ class TuningOptions:
 
     trials: int = 8  # per task on average; tasks whose records reach their budget are reused
     # "flops" gives each task a budget that grows with its share of the model's FLOPs (see
-    # trial_budgets); "even" gives every task ``trials``.
-    allocation: str = "flops"
+    # trial_budgets); "time" spends half of the trials that way and the other half where
+    # the measured time is (see time_budgets); "even" gives every task ``trials``.
+    allocation: str = "time"
     database: Path | None = None  # tuning database folder; None is tuning_db.default_folder()
     rpc: RpcOptions | None = None  # None measures on this machine
     trials_per_batch: int = 16  # candidates built and measured together
@@ -228,12 +228,13 @@ def tuned_pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
 
 def extract_tasks(graph: Graph, target: "tvm.target.Target") -> list:
     """Return MetaSchedule's tasks of ``graph``: one per fused TIR function not yet
-    scheduled."""
+    scheduled. A reshape kernel that the build turns into a view of its input is not one."""
+    from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
     from .lower import lower_to_relax
 
-    fused = fuse_module(lower_to_relax(graph), target)
+    fused = relax.transform.RewriteDataflowReshape()(fuse_module(lower_to_relax(graph), target))
     tasks = ms.relax_integration.extract_tasks(fused, target)
     return [t for t in tasks if not (t.mod.attrs and t.mod.attrs.get("tirx.is_scheduled"))]
 
@@ -254,6 +255,13 @@ class _TaskPlan:
     @property
     def name(self) -> str:
         return str(self.task.task_name)
+
+    def set_budget(self, budget: int) -> None:
+        """Set the budget; the trials the database lacks for it are what remains."""
+        completed = self.entry.completed_trials if self.entry is not None else 0
+        self.budget = budget
+        self.remaining = max(budget - completed, 0)
+        self.finished = self.remaining == 0
 
     @property
     def mod(self):
@@ -281,6 +289,39 @@ def trial_budgets(flops: list[float], trials: int, allocation: str = "flops") ->
     return budgets
 
 
+def first_round_trials(trials: int, allocation: str) -> int:
+    """Return the ``trials`` that the first round spends by FLOPs: half of them under
+    "time" allocation, which spends the rest by measured time, else all."""
+    return max(trials // 2, min(trials, 1)) if allocation == "time" else trials
+
+
+def time_budgets(seconds: list[float], trials: int) -> list[int]:
+    """Return each task's extra trials in the second round of "time" allocation, from its
+    measured time after the first round (calls x best time, seconds) and ``trials``, the
+    second round's average per task.
+
+    FLOPs miss where memory-bound kernels spend time: on PP-OCRv4 det a depthwise conv with
+    1.5% of the FLOPs took 5% of the time. A task with k times the average time gets about
+    k * ``trials`` more, rounded to a power of two. No task gets more than
+    ``MAX_BUDGET_FACTOR * trials``, and one under half the average gets none. A task with no
+    working schedule yet (infinite time) gets ``trials``.
+    """
+    finite = [t for t in seconds if math.isfinite(t)]
+    total = float(sum(finite))
+    extras = []
+    for task_seconds in seconds:
+        if not math.isfinite(task_seconds) or total <= 0:
+            extras.append(trials)
+            continue
+        relative = task_seconds * len(finite) / total  # 1.0 for the average task
+        if relative < 0.5:
+            extras.append(0)
+            continue
+        factor = 2.0 ** round(math.log2(relative))
+        extras.append(int(min(trials * factor, trials * MAX_BUDGET_FACTOR)))
+    return extras
+
+
 def _task_flops(task) -> float:
     """FLOPs of one call of ``task`` times its calls; 0 when TVM cannot count them."""
     from tvm.s_tir.analysis import estimate_tir_flops
@@ -293,17 +334,37 @@ def _task_flops(task) -> float:
 
 def _plan(tasks: list, database: TargetDatabase, trials: int,
           allocation: str = "even") -> list[_TaskPlan]:
-    budgets = trial_budgets([_task_flops(task) for task in tasks], trials, allocation)
+    """Plan the first round: budgets by FLOPs ("flops", "time") or even."""
+    flops_rule = "even" if allocation == "even" else "flops"
+    budgets = trial_budgets([_task_flops(task) for task in tasks],
+                            first_round_trials(trials, allocation), flops_rule)
     plans = []
     for task, budget in zip(tasks, budgets):
         entry = database.match(task.dispatched[0])
-        completed = entry.completed_trials if entry is not None else 0
-        plan = _TaskPlan(task, entry, max(budget - completed, 0), budget)
-        plan.finished = plan.remaining == 0
+        plan = _TaskPlan(task, entry, 0, budget)
+        plan.set_budget(budget)
         if entry is not None:
             plan.best_seconds = entry.best_seconds()
         plans.append(plan)
     return plans
+
+
+def _add_time_budgets(plans: list[_TaskPlan], database: TargetDatabase, trials: int,
+                      allocation: str) -> None:
+    """Second round of "time" allocation: raise each budget by ``time_budgets``, from the
+    best of the task's first-round records (the first ``budget`` records in the file, so
+    that a later run computes the same budgets and tunes nothing more)."""
+    second = trials - first_round_trials(trials, allocation)
+    if allocation != "time" or second <= 0:
+        return
+    seconds = []
+    for plan in plans:
+        entry = plan.entry or database.match(plan.mod)
+        first = entry.records[:plan.budget] if entry is not None else []
+        best = min((r.mean_seconds for r in first), default=math.inf)
+        seconds.append(float(plan.task.weight) * best)
+    for plan, extra in zip(plans, time_budgets(seconds, second)):
+        plan.set_budget(plan.budget + extra)
 
 
 class _Progress:
@@ -313,8 +374,17 @@ class _Progress:
         self.plans = plans
         self.callback = callback
         # With --trials 0 a task without records is also finished, but nothing is reused.
-        self.reused = sum(1 for p in plans if p.finished and p.entry is not None)
+        self._reused = {id(p) for p in plans if p.finished and p.entry is not None}
         self.planned = sum(p.remaining for p in plans)
+
+    @property
+    def reused(self) -> int:
+        return len(self._reused)
+
+    def plan_more(self, plans: list[_TaskPlan]) -> None:
+        """Count a second round's trials; its tasks are no longer reused."""
+        self.planned += sum(p.remaining for p in plans)
+        self._reused -= {id(p) for p in plans}
 
     def trials_done(self) -> int:
         return sum(p.measured for p in self.plans)
@@ -363,7 +433,7 @@ def tune(
     database = TuningDatabase(options.database).for_target(tvm_target)
     # MetaSchedule's C++ code writes warnings such as "Unknown schedule rule" for every
     # pooling kernel straight to stderr; they go to the INFO log instead.
-    with native_log_to_logger():
+    with native_log_to_logger(), _Session(tvm_target, target, database, options) as session:
         plans = _plan(extract_tasks(graph, tvm_target), database, options.trials,
                       options.allocation)
         tracker = _Progress(plans, progress)
@@ -373,10 +443,18 @@ def tune(
             len(plans), tracker.reused, database.path, len(pending),
         )
         tracker.report()
-        if pending:
-            _check_measurable(tvm_target, target, options)
-            with database.locked():
-                _run_session(pending, plans, tvm_target, database, options, tracker)
+        tuned = {id(p) for p in pending}
+        session.tune(pending, tracker)
+        _add_time_budgets(plans, database, options.trials, options.allocation)
+        second = [p for p in plans if p.remaining > 0]
+        if second:
+            logger.info("second round (time allocation): %d tasks, %d trials",
+                        len(second), sum(p.remaining for p in second))
+            tracker.plan_more(second)
+            tuned.update(id(p) for p in second)
+            session.tune(second, tracker)
+        if session.started:
+            session.transfer_schedules(plans, tracker)
         tracker.report()
     seconds = time.perf_counter() - started
     return TuningResult(
@@ -384,7 +462,7 @@ def tune(
         database_file=database.path,
         tasks=len(plans),
         reused_tasks=tracker.reused,
-        tuned_tasks=len(pending),
+        tuned_tasks=len(tuned),
         trials=tracker.trials_done(),
         trials_per_task=options.trials,
         seconds=seconds,
@@ -395,49 +473,167 @@ def tune(
     )
 
 
-def _run_session(pending, plans, target, database, options, tracker) -> None:
-    """Tune the pending tasks, grouped by remaining trials (MetaSchedule's scheduler takes
-    one per-task budget), with one builder, runner and cost model for all groups."""
-    from tvm.s_tir import meta_schedule as ms
+class _Session:
+    """The builder, runner and cost model of one tuning run, started by the first ``tune``
+    call that has tasks to tune (with the database file locked) and stopped on exit."""
 
-    from .metaschedule import (
-        PersistentBuilder,
-        WarmedUpXGBModel,
-        make_runner,
-        shutdown_runner,
-    )
-    from .targets import export_json
-    from .tuning_workers import register_tensor_intrinsics
+    def __init__(self, target, target_name: str, database: TargetDatabase,
+                 options: TuningOptions):
+        self.target = target
+        self.target_name = target_name
+        self.database = database
+        self.options = options
+        self.started = False
+        self._stack = contextlib.ExitStack()
+        self.builder = self.runner = self.cost_model = None
 
-    register_tensor_intrinsics(export_json(target))
-    work_dir = Path(tempfile.mkdtemp(prefix="graphcomp-tuning-"))
-    builder = runner = None
-    try:
-        builder = PersistentBuilder(target, work_dir / "candidates", options)
-        runner = make_runner(options)
-        cost_model = WarmedUpXGBModel(num_tuning_cores=_cores(), adaptive_training=True)
+    def __enter__(self) -> "_Session":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.close()
+
+    def _start(self) -> None:
+        from .metaschedule import (
+            PersistentBuilder,
+            WarmedUpXGBModel,
+            make_runner,
+            shutdown_runner,
+        )
+        from .targets import export_json
+        from .tuning_workers import register_tensor_intrinsics
+
+        _check_measurable(self.target, self.target_name, self.options)
+        self._stack.enter_context(self.database.locked())
+        register_tensor_intrinsics(export_json(self.target))
+        work_dir = Path(tempfile.mkdtemp(prefix="graphcomp-tuning-"))
+        self._stack.callback(shutil.rmtree, work_dir, ignore_errors=True)
+        self.builder = PersistentBuilder(self.target, work_dir / "candidates", self.options)
+        self._stack.callback(self.builder.shutdown)
+        self.runner = make_runner(self.options)
+        self._stack.callback(shutdown_runner, self.runner)
+        self.cost_model = WarmedUpXGBModel(num_tuning_cores=_cores(), adaptive_training=True)
+        self.started = True
+
+    def tune(self, pending: list[_TaskPlan], tracker: "_Progress") -> None:
+        """Tune the pending tasks, grouped by remaining trials (MetaSchedule's scheduler
+        takes one per-task budget)."""
+        if not pending:
+            return
+        if not self.started:
+            self._start()
         groups: dict[int, list[_TaskPlan]] = defaultdict(list)
         for plan in pending:
             groups[plan.remaining].append(plan)
         for remaining, group in sorted(groups.items(), reverse=True):
-            _tune_group(group, remaining, target, database, options, tracker,
-                        builder, runner, cost_model)
-    finally:
-        if builder is not None:
-            builder.shutdown()
-        if runner is not None:
-            shutdown_runner(runner)
-        shutil.rmtree(work_dir, ignore_errors=True)
+            _tune_group(group, remaining, self, tracker)
+
+    def transfer_schedules(self, plans: list[_TaskPlan], tracker: "_Progress") -> None:
+        """Try each task's best schedule on the tasks with the same anchor block (the same
+        conv or matmul with other fused elementwise ops), where it is faster than theirs.
+
+        Tuned apart, the two may end far apart: on PP-OCRv4 det, conv2d38 alone reached
+        4.4 ms and the same conv fused with add and relu 7.4 ms after 256 trials each.
+        A transferred schedule is measured and stored as a record of the receiving task.
+        """
+        from tvm import s_tir
+        from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+
+        for group in _anchor_groups(plans, self.database):
+            for receiver in group:
+                donors = [d for d in group if d.best_seconds < receiver.best_seconds]
+                if not donors:
+                    continue
+                donor = min(donors, key=lambda d: d.best_seconds)
+                records = self.database.best_records(donor.entry, 1)
+                if not records:
+                    continue
+                schedule = s_tir.Schedule(receiver.mod)
+                try:
+                    schedule_using_anchor_trace(schedule, records[0].trace, self.target)
+                except Exception as exc:  # noqa: BLE001  (TVM raises several types)
+                    logger.debug("schedule of %s does not apply to %s: %s",
+                                 donor.name, receiver.name, exc)
+                    continue
+                seconds = self._measure(receiver, schedule)
+                logger.info("schedule of %s (%.3f ms) on %s (%.3f ms): %s", donor.name,
+                            1e3 * donor.best_seconds, receiver.name,
+                            1e3 * receiver.best_seconds,
+                            "failed" if seconds is None else f"{1e3 * seconds:.3f} ms")
+                if seconds is not None:
+                    receiver.best_seconds = min(receiver.best_seconds, seconds)
+                    tracker.report(receiver)
+
+    def _measure(self, plan: _TaskPlan, schedule) -> float | None:
+        """Build and run one schedule of ``plan``; store it as a record and return its mean
+        seconds (None when it failed to build or run)."""
+        import numpy as np
+        from tvm import tirx
+        from tvm.s_tir import meta_schedule as ms
+
+        from .tuning_db import FAILED_RUN_SECONDS
+
+        args_info = ms.arg_info.ArgInfo.from_prim_func(schedule.mod["main"])
+        built = self.builder.build([ms.builder.BuilderInput(schedule.mod, self.target)])[0]
+        run_secs = None
+        if built.error_msg is not None:
+            logger.debug("building a schedule of %s failed: %s", plan.name, built.error_msg)
+        else:
+            # The runner names devices as tvm.device does: "cpu" for LLVM targets.
+            kind = self.target.kind.name
+            future = self.runner.run([ms.runner.RunnerInput(
+                built.artifact_path, "cpu" if kind == "llvm" else kind, args_info)])[0]
+            result = future.result()
+            if result.error_msg is None:
+                run_secs = result.run_secs
+            else:
+                logger.debug("running a schedule of %s failed: %s", plan.name, result.error_msg)
+        failed = [tirx.FloatImm("float32", FAILED_RUN_SECONDS)]
+        record = ms.database.TuningRecord(
+            schedule.trace, plan.entry.workload(), run_secs or failed, self.target, args_info
+        )
+        self.database.append_records(plan.entry, [record])
+        plan.measured += 1
+        if run_secs is None:
+            return None
+        return float(np.mean([float(s) for s in run_secs]))
 
 
-def _tune_group(group, remaining, target, database, options, tracker, builder, runner,
-                cost_model) -> None:
+def _anchor_groups(plans: list[_TaskPlan], database: TargetDatabase) -> list[list[_TaskPlan]]:
+    """Groups of two or more tuned tasks whose anchor blocks are structurally equal."""
+    import tvm_ffi
+    from tvm.s_tir.analysis import find_anchor_sblock
+
+    by_hash: dict[int, list[tuple[Any, _TaskPlan]]] = defaultdict(list)
+    for plan in plans:
+        if plan.entry is None:
+            plan.entry = database.match(plan.mod)
+        if plan.entry is None or not math.isfinite(plan.best_seconds):
+            continue
+        anchor = find_anchor_sblock(plan.mod)
+        if anchor is not None:
+            by_hash[tvm_ffi.structural_hash(anchor)].append((anchor, plan))
+    groups = []
+    for members in by_hash.values():
+        while members:
+            anchor, first = members[0]
+            same = [m for m in members if tvm_ffi.structural_equal(m[0], anchor)]
+            members = [m for m in members if not tvm_ffi.structural_equal(m[0], anchor)]
+            if len(same) > 1:
+                groups.append([plan for _, plan in same])
+    return groups
+
+
+def _tune_group(group: list[_TaskPlan], remaining: int, session: _Session,
+                tracker: "_Progress") -> None:
     from tvm.s_tir import meta_schedule as ms
 
     from .metaschedule import SaveBatch
 
+    database, options, target = session.database, session.options, session.target
     memory = ms.database.MemoryDatabase()
     for plan in group:
+        plan.finished = False
         if plan.entry is None:
             plan.entry = database.add_workload(plan.mod, plan.name)
         else:
@@ -452,14 +648,14 @@ def _tune_group(group, remaining, target, database, options, tracker, builder, r
             ms.tune.tune_tasks(
                 tasks=contexts,
                 task_weights=[float(p.task.weight) for p in group],
-                work_dir=str(builder.work_dir),
+                work_dir=str(session.builder.work_dir),
                 max_trials_global=remaining * len(group),
                 max_trials_per_task=remaining,
                 num_trials_per_iter=min(options.trials_per_batch, remaining),
-                builder=builder,
-                runner=runner,
+                builder=session.builder,
+                runner=session.runner,
                 database=memory,
-                cost_model=cost_model,
+                cost_model=session.cost_model,
                 measure_callbacks=callbacks,
                 task_scheduler="round-robin",
             )
@@ -474,6 +670,7 @@ def _tune_group(group, remaining, target, database, options, tracker, builder, r
         # The scheduler ended this task early: its search space ran out of new candidates.
         if plan.entry.completed_trials < plan.budget:
             database.mark_done(plan.entry, plan.budget)
+        plan.set_budget(plan.budget)
 
 
 @contextlib.contextmanager

@@ -151,34 +151,40 @@ def _is_pixel_shuffle_transpose(node) -> bool:
             and output_padding == (0, 0))
 
 
-def _pixel_shuffle_transpose_relax(node, x, w):
+def _pixel_shuffle_transpose_relax(node, x, w, b=None):
     """Lower a non-overlapping transposed conv as one matmul and a rearrangement.
 
     TVM's conv2d_transpose convolves a zero-dilated input, which for stride 2 multiplies by
-    zero three times out of four. Here each pixel's C input channels are multiplied by the
-    weight as a [C, O*kH*kW] matrix, and the O x kH x kW results are moved to their tile.
+    zero three times out of four. Here the weight, as an [O*kH*kW, C] matrix, multiplies the
+    input as a [C, H*W] matrix per image (NCHW needs no transpose for that). Bias and
+    activation are applied to the product, so that TVM fuses them into the matmul's kernel,
+    and a second kernel only moves each [kH, kW] tap to its place in the output tile.
     """
     relax = relax_module()
     n, c, h, width = node.inputs[0].shape
     _, out_c, kh, kw = node.inputs[1].shape
-    pixels = relax.op.reshape(relax.op.permute_dims(x, [0, 2, 3, 1]), (n * h * width, c))
-    tiles = relax.op.matmul(pixels, relax.op.reshape(w, (c, out_c * kh * kw)),
-                            out_dtype=node.outputs[0].dtype)
-    tiles = relax.op.reshape(tiles, (n, h, width, out_c, kh, kw))
-    tiles = relax.op.permute_dims(tiles, [0, 3, 1, 4, 2, 5])
-    return relax.op.reshape(tiles, (n, out_c, h * kh, width * kw))
+    taps = relax.op.reshape(relax.op.permute_dims(w, [1, 2, 3, 0]), (out_c * kh * kw, c))
+    y = relax.op.matmul(taps, relax.op.reshape(x, (n, c, h * width)),
+                        out_dtype=node.outputs[0].dtype)
+    if b is not None:
+        # One bias per output channel, repeated for its kH*kW taps.
+        y = relax.op.add(y, relax.op.reshape(relax.op.repeat(b, kh * kw, axis=0),
+                                             (1, out_c * kh * kw, 1)))
+    y = relax_activation(y, node.attrs.get("activation"), node.outputs[0].dtype)
+    y = relax.op.permute_dims(relax.op.reshape(y, (n, out_c, kh, kw, h, width)),
+                              [0, 1, 4, 2, 5, 3])
+    return relax.op.reshape(y, (n, out_c, h * kh, width * kw))
 
 
 def _conv_transpose2d_relax(node, x, w, b=None):
     relax = relax_module()
-    strides, pads, dilations, groups, output_padding = _conv_transpose_attrs(node)
     if _is_pixel_shuffle_transpose(node):
-        y = _pixel_shuffle_transpose_relax(node, x, w)
-    else:
-        y = relax.op.nn.conv2d_transpose(
-            x, w, strides=strides, padding=pads, output_padding=output_padding,
-            dilation=dilations, groups=groups, out_dtype=node.outputs[0].dtype,
-        )
+        return _pixel_shuffle_transpose_relax(node, x, w, b)
+    strides, pads, dilations, groups, output_padding = _conv_transpose_attrs(node)
+    y = relax.op.nn.conv2d_transpose(
+        x, w, strides=strides, padding=pads, output_padding=output_padding,
+        dilation=dilations, groups=groups, out_dtype=node.outputs[0].dtype,
+    )
     if b is not None:
         y = _add_channel_bias(y, b, 4)
     return relax_activation(y, node.attrs.get("activation"), node.outputs[0].dtype)

@@ -38,8 +38,17 @@ and add. The arithmetic:
   inputs whose rows differ in scale more closely.
 
 The Relax lowerings keep the integer arithmetic integer: relax conv2d and linear on int8
-inputs with ``out_dtype="int32"``. TVM pads with ``x_zero_point`` and subtracts
-``x_zero_point * sum(w[c])`` from the accumulator instead of shifting every input element.
+inputs with ``out_dtype="int32"``. TVM pads with ``x_zero_point`` (inside the convolution's
+TIR function) and subtracts ``x_zero_point * sum(w[c])`` from the accumulator instead of
+shifting every input element.
+When the weight, bias and scales are graph constants (as the quantize pass makes them), the
+lowerings compute the per-channel terms that depend on them alone (the requantization
+multiplier, ``bias - x_zero_point * sum(w[c])``, parameters reshaped for broadcasting) with
+numpy in the same float32 or int32 arithmetic, and embed them as constants of ``C`` elements.
+Computed in Relax, each would be a kernel of its own that runs on every inference, because
+weights are parameters of ``main`` and TVM's FoldConstant cannot fold them. What remains per
+layer is one TVM kernel after FuseOps: the convolution with the requantization and the float
+ops up to the next quantize in its epilogue.
 
 NOTE: the accumulator is int32 in TVM and ONNX Runtime, so a layer whose sums leave the int32
 range wraps there, while the reference computes exact sums. With 8-bit inputs that takes more
@@ -54,6 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from graphcomp.ir import Constant
 from graphcomp.ops.elementwise import (
     TORCH_DTYPES, relax_activation, relax_module, torch_activation,
 )
@@ -197,38 +207,63 @@ def _requantize_torch(node, acc: torch.Tensor, bias, multiplier: torch.Tensor, s
     return torch.clamp(shifted, low, high).to(TORCH_DTYPES[node.outputs[0].dtype])
 
 
-def _multiplier_relax(node, w_scale):
+def _constant_data(value) -> np.ndarray | None:
+    """Return the data of a graph constant, or None for a value known only at run time."""
+    return value.data if isinstance(value, Constant) else None
+
+
+def _multiplier_relax(node, w_scale, shape):
+    """Return ``x_scale * w_scale / y_scale`` in float32, reshaped to ``shape``."""
     relax = relax_module()
     op = relax.op
+    w_scale_data = _constant_data(node.inputs[2])
+    if w_scale_data is not None:
+        # The same float32 operations, in the same order, as _multiplier_torch.
+        multiplier = (np.float32(node.attrs["x_scale"]) * w_scale_data.astype(np.float32)
+                      / np.float32(node.attrs["y_scale"]))
+        return relax.const(multiplier.reshape(shape), "float32")
     x_scale = relax.const(float(node.attrs["x_scale"]), "float32")
     y_scale = relax.const(float(node.attrs["y_scale"]), "float32")
-    return op.divide(op.multiply(x_scale, w_scale), y_scale)
+    return op.reshape(op.divide(op.multiply(x_scale, w_scale), y_scale), shape)
 
 
-def _requantize_relax(node, acc, offset, multiplier, shape):
-    """Requantize the int32 accumulator; ``offset`` is an int32 per-channel term or None."""
+def _requantize_relax(node, acc, offset, multiplier):
+    """Requantize the int32 accumulator. ``offset`` (an int32 per-channel term, or None) and
+    ``multiplier`` already have the shape that broadcasts against ``acc``."""
     relax = relax_module()
     op = relax.op
     if offset is not None:
-        acc = op.add(acc, op.reshape(offset, shape))
-    scaled = op.multiply(op.astype(acc, "float32"), op.reshape(multiplier, shape))
+        acc = op.add(acc, offset)
+    scaled = op.multiply(op.astype(acc, "float32"), multiplier)
     zero_point = relax.const(float(node.attrs.get("y_zero_point", 0)), "float32")
     low, high = _output_bounds(node)
     shifted = op.clip(op.add(op.round(scaled), zero_point), float(low), float(high))
     return op.astype(shifted, node.outputs[0].dtype)
 
 
-def _zero_point_offset_relax(node, weight, bias, reduce_axes: list[int]):
-    """Return ``bias - x_zero_point * sum(weight[c])`` as int32 [C], or None when zero."""
+def _zero_point_offset_relax(node, weight, bias, reduce_axes: list[int], shape):
+    """Return ``bias - x_zero_point * sum(weight[c])`` as int32, reshaped to ``shape``, or
+    None when it is zero."""
     relax = relax_module()
     op = relax.op
     zero_point = int(node.attrs.get("x_zero_point", 0))
+    if zero_point == 0 and bias is None:
+        return None
+    weight_data = _constant_data(node.inputs[1])
+    bias_data = _constant_data(node.inputs[3]) if bias is not None else None
+    if weight_data is not None and (bias is None or bias_data is not None):
+        offset = np.zeros(weight_data.shape[0], np.int64)
+        if bias_data is not None:
+            offset += bias_data.astype(np.int64)
+        offset -= zero_point * weight_data.astype(np.int64).sum(axis=tuple(reduce_axes))
+        # astype wraps outside the int32 range, as TVM's int32 arithmetic does.
+        return relax.const(offset.astype(np.int32).reshape(shape), "int32")
     offset = bias
     if zero_point != 0:
         weight_sums = op.sum(op.astype(weight, "int32"), axis=reduce_axes)
         correction = op.multiply(weight_sums, relax.const(zero_point, "int32"))
         offset = op.negative(correction) if bias is None else op.subtract(bias, correction)
-    return offset
+    return op.reshape(offset, shape)
 
 
 # --- quantize and dequantize ------------------------------------------------------------------
@@ -250,12 +285,25 @@ def _quantize_torch(node, x, scale, zero_point):
     return torch.clamp(shifted, low, high).to(TORCH_DTYPES[node.outputs[0].dtype])
 
 
+def _param_relax(node, index: int, expr, dtype: str):
+    """Return quantize's or dequantize's scale or zero point (input ``index``) as ``dtype``,
+    shaped to broadcast against the data: a constant when the graph has it as one."""
+    relax = relax_module()
+    op = relax.op
+    shape = _param_shape(node)
+    data = _constant_data(node.inputs[index])
+    if data is not None:
+        return relax.const(data.astype(dtype).reshape(shape), dtype)
+    if node.inputs[index].dtype != dtype:
+        expr = op.astype(expr, dtype)
+    return op.reshape(expr, shape)
+
+
 def _quantize_relax(node, x, scale, zero_point):
     op = relax_module().op
-    shape = _param_shape(node)
     low, high = QUANTIZED_RANGES[node.outputs[0].dtype]
-    rounded = op.round(op.divide(x, op.reshape(scale, shape)))
-    shifted = op.add(rounded, op.reshape(op.astype(zero_point, "float32"), shape))
+    rounded = op.round(op.divide(x, _param_relax(node, 1, scale, "float32")))
+    shifted = op.add(rounded, _param_relax(node, 2, zero_point, "float32"))
     return op.astype(op.clip(shifted, float(low), float(high)), node.outputs[0].dtype)
 
 
@@ -285,9 +333,10 @@ def _dequantize_torch(node, q, scale, zero_point):
 
 def _dequantize_relax(node, q, scale, zero_point):
     op = relax_module().op
-    shape = _param_shape(node)
-    centered = op.subtract(op.astype(q, "int32"), op.reshape(op.astype(zero_point, "int32"), shape))
-    return op.multiply(op.astype(centered, "float32"), op.reshape(scale, shape))
+    if node.inputs[0].dtype != "int32":
+        q = op.astype(q, "int32")
+    centered = op.subtract(q, _param_relax(node, 2, zero_point, "int32"))
+    return op.multiply(op.astype(centered, "float32"), _param_relax(node, 1, scale, "float32"))
 
 
 register_op(
@@ -334,19 +383,61 @@ def _qconv2d_torch(node, x, weight, w_scale, bias=None):
     return _requantize_torch(node, acc, bias, multiplier, (1, -1, 1, 1))
 
 
+def _zero_point_padded_conv2d_relax(node, x, weight):
+    """Return the int32 convolution of ``x`` padded with ``x_zero_point``, as one TIR function
+    with the padding inside, as TVM's own conv2d has it. A separate pad op would stay a kernel
+    of its own, because FuseOps fuses a convolution with the elementwise ops after it but not
+    with an injective op (pad) before or after it."""
+    from tvm import te, topi
+
+    relax = relax_module()
+    (stride_h, stride_w), pads, (dilation_h, dilation_w), groups = _conv_settings(node)
+    zero_point = int(node.attrs.get("x_zero_point", 0))
+    top, left, bottom, right = pads
+    out_channels, group_channels, kernel_h, kernel_w = node.inputs[1].shape
+    group_outputs = out_channels // groups
+
+    def compute(data, kernel):
+        # One pad stage and one reduction, the structure of TVM's float conv2d. topi.nn.conv
+        # would add a second (identity) pad stage after this one.
+        padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right],
+                             pad_value=zero_point, name="pad_zero_point")
+        channel = te.reduce_axis((0, group_channels), name="rc")
+        row = te.reduce_axis((0, kernel_h), name="ry")
+        column = te.reduce_axis((0, kernel_w), name="rx")
+        return te.compute(
+            node.outputs[0].shape,
+            lambda n, f, y, x: te.sum(
+                padded[n, f // group_outputs * group_channels + channel,
+                       y * stride_h + row * dilation_h,
+                       x * stride_w + column * dilation_w].astype("int32")
+                * kernel[f, channel, row, column].astype("int32"),
+                axis=[channel, row, column]),
+            name="conv2d_nchw",
+        )
+
+    builder = relax.BlockBuilder.current()
+    if builder is None:  # not inside lower_to_relax: the same, with Relax ops
+        padded = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right],
+                                 pad_value=float(zero_point))
+        return relax.op.nn.conv2d(padded, weight, strides=strides, dilation=dilations,
+                                  groups=groups, out_dtype="int32")
+    return builder.call_te(compute, x, weight, primfunc_name_hint="qconv2d_zero_point_pad")
+
+
 def _qconv2d_relax(node, x, weight, w_scale, bias=None):
     op = relax_module().op
     strides, pads, dilations, groups = _conv_settings(node)
-    zero_point = int(node.attrs.get("x_zero_point", 0))
-    if any(pads):
-        top, left, bottom, right = pads
-        x = op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero_point))
-    acc = op.nn.conv2d(x, weight, strides=strides, padding=(0, 0, 0, 0), dilation=dilations,
-                       groups=groups, out_dtype="int32")
-    out_channels = node.inputs[1].shape[0]
-    offset = _zero_point_offset_relax(node, weight, bias, [1, 2, 3])
-    multiplier = _multiplier_relax(node, w_scale)
-    return _requantize_relax(node, acc, offset, multiplier, (1, out_channels, 1, 1))
+    if any(pads) and int(node.attrs.get("x_zero_point", 0)) != 0:
+        acc = _zero_point_padded_conv2d_relax(node, x, weight)
+    else:
+        # TVM's conv2d pads with 0, which is the quantized 0.0 when x_zero_point is 0.
+        acc = op.nn.conv2d(x, weight, strides=strides, padding=pads, dilation=dilations,
+                           groups=groups, out_dtype="int32")
+    shape = (1, node.inputs[1].shape[0], 1, 1)
+    offset = _zero_point_offset_relax(node, weight, bias, [1, 2, 3], shape)
+    multiplier = _multiplier_relax(node, w_scale, shape)
+    return _requantize_relax(node, acc, offset, multiplier)
 
 
 register_op(
@@ -379,9 +470,10 @@ def _qlinear_torch(node, x, weight, w_scale, bias=None):
 def _qlinear_relax(node, x, weight, w_scale, bias=None):
     op = relax_module().op
     acc = op.linear(x, weight, out_dtype="int32")
-    offset = _zero_point_offset_relax(node, weight, bias, [1])
-    multiplier = _multiplier_relax(node, w_scale)
-    return _requantize_relax(node, acc, offset, multiplier, (node.inputs[1].shape[0],))
+    shape = (node.inputs[1].shape[0],)
+    offset = _zero_point_offset_relax(node, weight, bias, [1], shape)
+    multiplier = _multiplier_relax(node, w_scale, shape)
+    return _requantize_relax(node, acc, offset, multiplier)
 
 
 register_op(
@@ -458,7 +550,12 @@ def _dynamic_qlinear_relax(node, x, weight, w_scale, bias=None):
     q_int8 = op.astype(op.subtract(q, shift), "int8")
     zero_point_int8 = op.astype(op.subtract(zero_point, shift), "int32")
     acc = op.linear(q_int8, weight, out_dtype="int32")
-    weight_sums = op.sum(op.astype(weight, "int32"), axis=[1])
+    weight_data = _constant_data(node.inputs[1])
+    if weight_data is not None:
+        weight_sums = relax.const(weight_data.astype(np.int32).sum(axis=1, dtype=np.int32),
+                                  "int32")
+    else:
+        weight_sums = op.sum(op.astype(weight, "int32"), axis=[1])
     acc = op.subtract(acc, op.multiply(weight_sums, zero_point_int8))
     y = op.multiply(op.astype(acc, "float32"), op.multiply(scale, w_scale))
     if bias is not None:
@@ -524,12 +621,23 @@ def _qconv_transpose2d_relax(node, x, weight, w_scale, bias=None):
         # channels: one channel in, which costs 1/C of the main convolution.
         _, _, height, width = node.inputs[0].shape
         ones = op.ones((1, 1, height, width), "int32")
-        weight_sums = op.sum(op.astype(weight, "int32"), axis=[0], keepdims=True)
+        weight_data = _constant_data(node.inputs[1])
+        if weight_data is not None:
+            weight_sums = relax.const(
+                weight_data.astype(np.int32).sum(axis=0, keepdims=True, dtype=np.int32), "int32")
+        else:
+            weight_sums = op.sum(op.astype(weight, "int32"), axis=[0], keepdims=True)
+        # NOTE: this conv of ones depends on the weights and shapes alone, but it still runs
+        # on every inference. As a constant it would take O * H_out * W_out int32s.
         taps = op.nn.conv2d_transpose(ones, weight_sums, **settings)
         acc = op.subtract(acc, op.multiply(taps, relax.const(zero_point, "int32")))
-    out_channels = node.inputs[1].shape[1]
-    multiplier = _multiplier_relax(node, w_scale)
-    return _requantize_relax(node, acc, bias, multiplier, (1, out_channels, 1, 1))
+    shape = (1, node.inputs[1].shape[1], 1, 1)
+    if bias is not None:
+        bias_data = _constant_data(node.inputs[3])
+        bias = (relax.const(bias_data.reshape(shape), "int32") if bias_data is not None
+                else op.reshape(bias, shape))
+    multiplier = _multiplier_relax(node, w_scale, shape)
+    return _requantize_relax(node, acc, bias, multiplier)
 
 
 register_op(
@@ -612,7 +720,7 @@ def _qmatmul_relax(node, a, b):
         both = node.inputs[0].shape[-1] * a_zero_point * b_zero_point
         acc = op.add(acc, relax.const(both, "int32"))
     multiplier = relax.const(matmul_multiplier(attrs), "float32")
-    return _requantize_relax(node, acc, None, multiplier, ())
+    return _requantize_relax(node, acc, None, multiplier)
 
 
 register_op(
