@@ -653,14 +653,14 @@ def _trace_for_fewer_ops(trace, mod):
                 or any(is_dropped(value) for value in inst.inputs)):
             dropped.extend(inst.outputs)
             continue
-        kept = inst
+        replacement = inst
         if kind == "GetConsumers":
-            kept = Instruction(InstructionKind.get("CacheWrite"), [inst.inputs[0], []],
+            replacement = Instruction(InstructionKind.get("CacheWrite"), [inst.inputs[0], []],
                                [0, "global"], list(inst.outputs))
-        instructions.append(kept)
+        instructions.append(replacement)
         decision = trace.get_decision(inst)
         if decision is not None:
-            decisions[kept] = decision
+            decisions[replacement] = decision
     return Trace(instructions, decisions)
 
 
