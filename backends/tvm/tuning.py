@@ -50,6 +50,8 @@ SEARCH_LOGGER = "tvm.s_tir.meta_schedule.graphcomp"
 # Records of a task that seed its evolutionary search when tuning resumes.
 SEED_RECORDS = 64
 ALLOCATIONS = ("time", "flops", "even")
+# Records of a task whose schedules are tried on a task with the same anchor block.
+MOVE_CANDIDATES = 4
 # A task's budget is at most ``trials`` times this factor.
 MAX_BUDGET_FACTOR = 16
 
@@ -543,10 +545,12 @@ class _Session:
                 if not donors:
                     continue
                 donor = min(donors, key=lambda d: d.best_seconds)
-                records = self.database.best_records(donor.entry, 1)
-                if not records:
-                    continue
-                schedule = _move_schedule(records[0].trace, receiver.mod, self.target)
+                # Not every trace moves onto fewer fused ops: try the donor's best few.
+                schedule = None
+                for record in self.database.best_records(donor.entry, MOVE_CANDIDATES):
+                    schedule = _move_schedule(record.trace, receiver.mod, self.target)
+                    if schedule is not None:
+                        break
                 if schedule is None:
                     logger.debug("the schedule of %s does not apply to %s",
                                  donor.name, receiver.name)
