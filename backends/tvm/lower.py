@@ -19,6 +19,7 @@ import numpy as np
 from graphcomp.errors import BackendError, GraphcompError
 from graphcomp.ir import Constant, Graph, Node, Value
 from graphcomp.ops import registered_ops
+from graphcomp.ops.lowering import Lowering, TargetFeatures, lowering, packed_input
 from graphcomp.verifier import verify_graph
 
 if TYPE_CHECKING:
@@ -73,27 +74,101 @@ def graph_weights(graph: Graph) -> list[Constant]:
     return weights
 
 
-def lower_to_relax(graph: Graph) -> "tvm.IRModule":
+@dataclass
+class WeightPlan:
+    """The weights of ``main`` in parameter order (after the graph inputs): graph constants,
+    and the packed layouts that ops request on the target (see graphcomp.ops.lowering)."""
+
+    arrays: dict[str, np.ndarray]
+    # id(constant) -> name of its parameter, for constants that some node reads unpacked
+    plain: dict[int, str]
+    # (id(node), input index) -> name of the packed weight's parameter
+    packed: dict[tuple[int, int], str]
+
+
+def plan_weights(graph: Graph, features: TargetFeatures | None = None) -> WeightPlan:
+    """Return the weights that ``main`` takes when ``graph`` lowers for a target with
+    ``features`` (None: no target-specific layout)."""
+    ops = registered_ops()
+    packs: dict[tuple[int, int], np.ndarray] = {}
+    if features is not None:
+        for node in graph.nodes:
+            pack = ops[node.op].pack if node.op in ops else None
+            if pack is not None:
+                for index, array in pack(node, features).items():
+                    packs[(id(node), index)] = np.ascontiguousarray(array)
+
+    weights = graph_weights(graph)
+    read_plain = {id(v) for v in graph.outputs}
+    for node in graph.nodes:
+        read_plain.update(id(v) for i, v in enumerate(node.inputs) if (id(node), i) not in packs)
+    names = {v.name for v in graph.inputs} | {c.name for c in weights}
+    plan = WeightPlan({}, {}, {})
+    for constant in weights:
+        if id(constant) in read_plain:
+            plan.arrays[constant.name] = np.ascontiguousarray(constant.data)
+            plan.plain[id(constant)] = constant.name
+    by_weight: dict[int, list[str]] = {}  # id(constant) -> names of its packed layouts
+    for node in graph.nodes:
+        for index, value in enumerate(node.inputs):
+            array = packs.get((id(node), index))
+            if array is None:
+                continue
+            same = [n for n in by_weight.get(id(value), []) if _same(plan.arrays[n], array)]
+            if same:
+                plan.packed[(id(node), index)] = same[0]
+                continue
+            name = _unused_name(f"{value.name}.packed", names)
+            names.add(name)
+            plan.arrays[name] = array
+            plan.packed[(id(node), index)] = name
+            by_weight.setdefault(id(value), []).append(name)
+    return plan
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
+
+
+def _unused_name(name: str, used: set[str]) -> str:
+    candidate, count = name, 1
+    while candidate in used:
+        count += 1
+        candidate = f"{name}{count}"
+    return candidate
+
+
+def lower_to_relax(graph: Graph, target: "tvm.target.Target | None" = None) -> "tvm.IRModule":
     """Lower ``graph`` to a Relax IRModule with ``main(inputs..., weights...)``.
 
+    With a ``target``, ops may take weights in a layout for its instructions (int8 layers on
+    CPUs with AVX-512 VNNI); ``plan_weights`` with the same target's features lists them.
     Raises VerificationError for a malformed graph and BackendError naming the node when an
     op's lowering fails or gives another shape or dtype than the graph records.
     """
     from tvm import relax
 
+    from .targets import target_features
+
     verify_graph(graph)
     _check_ops_registered(graph)
-    weights = graph_weights(graph)
+    features = target_features(target) if target is not None else None
+    plan = plan_weights(graph, features)
 
-    env: dict[int, Any] = {}
-    params = []
-    for value in [*graph.inputs, *weights]:
-        var = relax.Var(_relax_name(value.name), relax.TensorType(value.shape, value.dtype))
-        env[id(value)] = var
-        params.append(var)
+    params = [relax.Var(_relax_name(v.name), relax.TensorType(v.shape, v.dtype))
+              for v in graph.inputs]
+    env: dict[int, Any] = {id(v): var for v, var in zip(graph.inputs, params)}
+    by_name: dict[str, Any] = {}
+    for name, array in plan.arrays.items():
+        by_name[name] = relax.Var(_relax_name(name), relax.TensorType(array.shape, array.dtype))
+        params.append(by_name[name])
+    env.update({key: by_name[name] for key, name in plan.plain.items()})
+    state = Lowering(features or TargetFeatures(),
+                     {key: by_name[name] for key, name in plan.packed.items()})
 
     builder = relax.BlockBuilder()
-    with builder.function("main", params, attrs={"num_input": len(graph.inputs)}):
+    with lowering(state), builder.function("main", params,
+                                           attrs={"num_input": len(graph.inputs)}):
         with builder.dataflow():
             for node in graph.nodes:
                 _lower_node(builder, node, env)
@@ -134,7 +209,10 @@ def _lower_node(builder, node: Node, env: dict[int, Any]) -> None:
     from tvm import relax
 
     op = registered_ops()[node.op]
-    args = [_lookup(value, env) for value in node.inputs]
+    args = []
+    for index, value in enumerate(node.inputs):
+        packed = packed_input(node, index)
+        args.append(_lookup(value, env) if packed is None else packed)
     try:
         expr = op.relax(node, *args)
         bound = builder.emit(expr, _relax_name(node.outputs[0].name))

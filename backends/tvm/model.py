@@ -14,8 +14,8 @@ import numpy as np
 from graphcomp.errors import BackendError, ShapeError
 from graphcomp.ir import Graph
 
-from .lower import TensorSpec, graph_weights, lower_to_relax
-from .targets import export_json, host_incompatibility, resolve_target
+from .lower import TensorSpec, lower_to_relax, plan_weights
+from .targets import export_json, host_incompatibility, resolve_target, target_features
 
 if TYPE_CHECKING:
     import tvm
@@ -37,7 +37,7 @@ def build(graph: Graph, target: str = "cpu", tuning_database: Any = None) -> "Bu
 
     tvm_target = resolve_target(target)
     started = time.perf_counter()
-    module = lower_to_relax(graph)
+    module = lower_to_relax(graph, tvm_target)
     pipeline: Any = "default"
     scope: Any = contextlib.nullcontext()
     if tuning_database is not None:
@@ -59,7 +59,7 @@ def build(graph: Graph, target: str = "cpu", tuning_database: Any = None) -> "Bu
     logger.info(
         "built graph '%s' for %s in %.2f s", graph.name, target, time.perf_counter() - started
     )
-    weights = {c.name: np.ascontiguousarray(c.data) for c in graph_weights(graph)}
+    weights = plan_weights(graph, target_features(tvm_target)).arrays
     return BuiltModel(
         library=executable,
         target_name=target,

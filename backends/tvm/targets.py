@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from graphcomp.errors import ArtifactError, OptionError
+from graphcomp.ops.lowering import TargetFeatures
 
 if TYPE_CHECKING:
     import tvm
@@ -196,3 +197,19 @@ def check_runs_here(target: "tvm.target.Target", description: str) -> None:
             f"{description} cannot run on this host: {reason}. Build the model again for "
             "target 'cpu' on this host, or run the artifact on a matching host."
         )
+
+
+# Set to 0 to lower int8 layers in their plain layout on CPUs with AVX-512 VNNI too, for
+# comparing the two.
+VNNI_ENV = "GRAPHCOMP_VNNI"
+
+
+def target_features(target: "tvm.target.Target") -> TargetFeatures:
+    """Return the instructions of ``target`` that change how graphcomp lowers ops."""
+    import tvm
+
+    vnni = False
+    if target.kind.name == "llvm" and os.environ.get(VNNI_ENV, "1") != "0":
+        has_feature = tvm.get_global_func("target.target_has_feature")
+        vnni = bool(has_feature("avx512vnni", target))
+    return TargetFeatures(vnni=vnni)

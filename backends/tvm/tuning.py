@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from graphcomp.errors import BackendError, OptionError
 from graphcomp.ir import Graph
 
+from .intrinsics import register_intrinsics
 from .native_log import native_log_to_logger
+from .targets import target_features
 from .tuning_db import TargetDatabase, TuningDatabase, WorkloadEntry
 
 if TYPE_CHECKING:
@@ -215,6 +217,10 @@ def tuned_pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
 
     @tvm.transform.module_pass(opt_level=0, name="GraphcompTunedPipeline")
     def pipeline(module, _context):
+        if target_features(target).vnni:
+            # The database's schedules may tensorize with the fixed VNNI intrinsic. Importing
+            # TVM's intrinsics takes seconds, so other targets skip it.
+            register_intrinsics()
         module = fuse_module(module, target)
         with target:
             module = relax.transform.MetaScheduleApplyDatabase()(module)
@@ -236,9 +242,18 @@ def extract_tasks(graph: Graph, target: "tvm.target.Target") -> list:
 
     from .lower import lower_to_relax
 
-    fused = relax.transform.RewriteDataflowReshape()(fuse_module(lower_to_relax(graph), target))
+    fused = fuse_module(lower_to_relax(graph, target), target)
+    fused = relax.transform.RewriteDataflowReshape()(fused)
     tasks = ms.relax_integration.extract_tasks(fused, target)
-    return [t for t in tasks if not (t.mod.attrs and t.mod.attrs.get("tirx.is_scheduled"))]
+    return [t for t in tasks if not _is_scheduled(t.dispatched[0])]
+
+
+def _is_scheduled(mod) -> bool:
+    """Whether a task's module, or its function, says that it is scheduled already."""
+    for attrs in (mod.attrs, *(func.attrs for func in mod.functions.values())):
+        if attrs and attrs.get("tirx.is_scheduled"):
+            return True
+    return False
 
 
 # --- the plan: which tasks need how many more trials -------------------------------------------
@@ -430,6 +445,7 @@ def tune(
 
     options = options or TuningOptions()
     options.check()
+    register_intrinsics()
     tvm_target = resolve_target(target)
     started = time.perf_counter()
     database = TuningDatabase(options.database).for_target(tvm_target)

@@ -49,6 +49,9 @@ Computed in Relax, each would be a kernel of its own that runs on every inferenc
 weights are parameters of ``main`` and TVM's FoldConstant cannot fold them. What remains per
 layer is one TVM kernel after FuseOps: the convolution with the requantization and the float
 ops up to the next quantize in its epilogue.
+On x86 CPUs with AVX-512 VNNI, qconv2d (groups 1), qlinear with uint8 inputs and
+dynamic_qlinear take their weights packed for the vpdpbusd dot product instead (vnni.py);
+their sums, and so their results, are the same.
 
 NOTE: the accumulator is int32 in TVM and ONNX Runtime, so a layer whose sums leave the int32
 range wraps there, while the reference computes exact sums. With 8-bit inputs that takes more
@@ -67,6 +70,8 @@ from graphcomp.ir import Constant
 from graphcomp.ops.elementwise import (
     TORCH_DTYPES, relax_activation, relax_module, torch_activation,
 )
+from graphcomp.ops import vnni
+from graphcomp.ops.lowering import packed_input
 from graphcomp.ops.registry import get_op, register_op
 
 # Saturation bounds of the quantized dtypes.
@@ -425,10 +430,27 @@ def _zero_point_padded_conv2d_relax(node, x, weight):
     return builder.call_te(compute, x, weight, primfunc_name_hint="qconv2d_zero_point_pad")
 
 
+def _layer_constants(node) -> bool:
+    """Whether the weight, its scales and the bias (if any) of an int8 layer are constants."""
+    return all(isinstance(v, Constant) for v in node.inputs[1:])
+
+
+def _qconv2d_pack(node, features) -> dict[int, np.ndarray]:
+    _, channels, kernel_h, kernel_w = node.inputs[1].shape
+    out_h, out_w = node.outputs[0].shape[2:]
+    if (features.vnni and node.inputs[0].dtype == "uint8" and _layer_constants(node)
+            and int(node.attrs.get("groups", 1)) == 1 and out_h * out_w > 1
+            and channels * kernel_h * kernel_w >= vnni.MIN_REDUCTION):
+        return {1: vnni.pack_conv_weight(node.inputs[1].data)}
+    return {}
+
+
 def _qconv2d_relax(node, x, weight, w_scale, bias=None):
     op = relax_module().op
     strides, pads, dilations, groups = _conv_settings(node)
-    if any(pads) and int(node.attrs.get("x_zero_point", 0)) != 0:
+    if packed_input(node, 1) is not None:
+        acc = vnni.conv2d(node, x, weight, _conv_settings(node))
+    elif any(pads) and int(node.attrs.get("x_zero_point", 0)) != 0:
         acc = _zero_point_padded_conv2d_relax(node, x, weight)
     else:
         # TVM's conv2d pads with 0, which is the quantized 0.0 when x_zero_point is 0.
@@ -442,7 +464,7 @@ def _qconv2d_relax(node, x, weight, w_scale, bias=None):
 
 register_op(
     "qconv2d", infer=_qconv2d_infer, torch=_qconv2d_torch, relax=_qconv2d_relax,
-    macs=lambda node: get_op("conv2d").macs(node), inputs=(3, 4),
+    macs=lambda node: get_op("conv2d").macs(node), inputs=(3, 4), pack=_qconv2d_pack,
     doc="int8 2-D convolution with int32 accumulation and requantization: inputs x (int8 or "
         "uint8), weight (int8 [O,C/groups,kH,kW], symmetric), w_scale (float32 [O]), optional "
         "bias (int32 [O]); attrs: x_scale, x_zero_point, y_scale, y_zero_point, activation "
@@ -467,9 +489,23 @@ def _qlinear_torch(node, x, weight, w_scale, bias=None):
     return _requantize_torch(node, acc, bias, multiplier, (-1,))
 
 
+def _linear_pack(node, features) -> dict[int, np.ndarray]:
+    """Pack the weight of a qlinear (uint8 input) or dynamic_qlinear for VNNI when its input
+    rows are whole blocks of 4 uint8 values, and long enough (vnni.MIN_REDUCTION)."""
+    x, weight = node.inputs[:2]
+    uint8_input = x.dtype == "uint8" or node.op == "dynamic_qlinear"
+    if (features.vnni and uint8_input and _layer_constants(node)
+            and x.shape[-1] % vnni.INPUT_BLOCK == 0 and x.shape[-1] >= vnni.MIN_REDUCTION):
+        return {1: vnni.pack_linear_weight(weight.data)}
+    return {}
+
+
 def _qlinear_relax(node, x, weight, w_scale, bias=None):
     op = relax_module().op
-    acc = op.linear(x, weight, out_dtype="int32")
+    if packed_input(node, 1) is not None:
+        acc = vnni.linear(node, x, weight)
+    else:
+        acc = op.linear(x, weight, out_dtype="int32")
     shape = (node.inputs[1].shape[0],)
     offset = _zero_point_offset_relax(node, weight, bias, [1], shape)
     multiplier = _multiplier_relax(node, w_scale, shape)
@@ -478,7 +514,7 @@ def _qlinear_relax(node, x, weight, w_scale, bias=None):
 
 register_op(
     "qlinear", infer=_qlinear_infer, torch=_qlinear_torch, relax=_qlinear_relax,
-    macs=lambda node: get_op("linear").macs(node), inputs=(3, 4),
+    macs=lambda node: get_op("linear").macs(node), inputs=(3, 4), pack=_linear_pack,
     doc="int8 linear layer y = requantize(x @ weight.T + bias): inputs x (int8 or uint8 "
         "[..., in]), weight (int8 [out,in], symmetric), w_scale (float32 [out]), optional bias "
         "(int32 [out]); attrs: x_scale, x_zero_point, y_scale, y_zero_point, activation",
@@ -545,18 +581,22 @@ def _dynamic_qlinear_relax(node, x, weight, w_scale, bias=None):
     scale = op.where(op.equal(scale, zero), relax.const(1.0, "float32"), scale)
     zero_point = op.clip(op.round(op.subtract(zero, op.divide(low, scale))), 0.0, 255.0)
     q = op.clip(op.add(op.round(op.divide(x, scale)), zero_point), 0.0, 255.0)
-    # Shift uint8 values by -128 into int8, on both q and its zero point: differences stay.
-    shift = relax.const(128.0, "float32")
-    q_int8 = op.astype(op.subtract(q, shift), "int8")
-    zero_point_int8 = op.astype(op.subtract(zero_point, shift), "int32")
-    acc = op.linear(q_int8, weight, out_dtype="int32")
+    if packed_input(node, 1) is not None:
+        acc = vnni.linear(node, op.astype(q, "uint8"), weight)
+        zero_point_int32 = op.astype(zero_point, "int32")
+    else:
+        # Shift uint8 values by -128 into int8, on both q and its zero point: differences stay.
+        shift = relax.const(128.0, "float32")
+        q_int8 = op.astype(op.subtract(q, shift), "int8")
+        zero_point_int32 = op.astype(op.subtract(zero_point, shift), "int32")
+        acc = op.linear(q_int8, weight, out_dtype="int32")
     weight_data = _constant_data(node.inputs[1])
     if weight_data is not None:
         weight_sums = relax.const(weight_data.astype(np.int32).sum(axis=1, dtype=np.int32),
                                   "int32")
     else:
         weight_sums = op.sum(op.astype(weight, "int32"), axis=[1])
-    acc = op.subtract(acc, op.multiply(weight_sums, zero_point_int8))
+    acc = op.subtract(acc, op.multiply(weight_sums, zero_point_int32))
     y = op.multiply(op.astype(acc, "float32"), op.multiply(scale, w_scale))
     if bias is not None:
         y = op.add(y, bias)
@@ -566,6 +606,7 @@ def _dynamic_qlinear_relax(node, x, weight, w_scale, bias=None):
 register_op(
     "dynamic_qlinear", infer=_dynamic_qlinear_infer, torch=_dynamic_qlinear_torch,
     relax=_dynamic_qlinear_relax, macs=lambda node: get_op("linear").macs(node), inputs=(3, 4),
+    pack=_linear_pack,
     doc="linear layer with int8 weights whose float32 input is quantized to uint8 per run "
         "(ONNX DynamicQuantizeLinear): inputs x (float32 [..., in]), weight (int8 [out,in]), "
         "w_scale (float32 [out]), optional bias (float32 [out]); attrs: activation, per_row "

@@ -16,12 +16,17 @@ from typing import TYPE_CHECKING, Any, Callable
 from graphcomp.errors import GraphcompError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from graphcomp.ir import Node, Shape
+    from graphcomp.ops.lowering import TargetFeatures
 
 InferFn = Callable[["Node"], list[tuple["Shape", str]]]
 TorchFn = Callable[..., Any]
 RelaxFn = Callable[..., Any]
 MacsFn = Callable[["Node"], int]
+# pack(node, features) -> {input index: weight data in the layout the lowering wants}
+PackFn = Callable[["Node", "TargetFeatures"], dict[int, "np.ndarray"]]
 
 
 def _no_macs(node: "Node") -> int:
@@ -30,7 +35,8 @@ def _no_macs(node: "Node") -> int:
 
 @dataclass(frozen=True)
 class OpDef:
-    """One op kind: its name, input arity and the four functions every op provides."""
+    """One op kind: its name, input arity, the four functions every op provides, and
+    optionally ``pack``, which requests weights in a target's layout (see lowering.py)."""
 
     name: str
     infer: InferFn
@@ -40,6 +46,7 @@ class OpDef:
     min_inputs: int = 1
     max_inputs: int = 1
     doc: str = ""
+    pack: PackFn | None = None
 
 
 _REGISTRY: dict[str, OpDef] = {}
@@ -54,12 +61,13 @@ def register_op(
     macs: MacsFn = _no_macs,
     inputs: int | tuple[int, int] = 1,
     doc: str = "",
+    pack: PackFn | None = None,
 ) -> OpDef:
     """Add an op to the registry. ``inputs`` is an exact count or a (min, max) range."""
     if name in _REGISTRY:
         raise ValueError(f"op '{name}' is already registered")
     low, high = (inputs, inputs) if isinstance(inputs, int) else inputs
-    op = OpDef(name, infer, torch, relax, macs, low, high, doc)
+    op = OpDef(name, infer, torch, relax, macs, low, high, doc, pack)
     _REGISTRY[name] = op
     return op
 
