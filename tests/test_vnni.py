@@ -23,13 +23,15 @@ tvm = pytest.importorskip("tvm")
 
 from graphcomp.backends.tvm import build, targets  # noqa: E402
 from graphcomp.backends.tvm import model as tvm_model  # noqa: E402
-from graphcomp.backends.tvm.intrinsics import VNNI_INTRINSIC, register_intrinsics  # noqa: E402
+from graphcomp.backends.tvm.intrinsics import (  # noqa: E402
+    VNNI_INTRINSIC, has_avx512_vnni, register_intrinsics,
+)
 from graphcomp.backends.tvm.lower import plan_weights  # noqa: E402
 
 VNNI = TargetFeatures(vnni=True)
 
 
-def test_packed_conv_weight_puts_16_outputs_by_4_inputs_innermost():
+def test_conv_weight_packing_layout():
     rng = np.random.default_rng(0)
     weight = rng.integers(-127, 128, (20, 6, 3, 2), dtype=np.int8)  # 20 -> 32, 6 -> 8
     packed = vnni.pack_conv_weight(weight)
@@ -41,7 +43,15 @@ def test_packed_conv_weight_puts_16_outputs_by_4_inputs_innermost():
     assert not unpacked[20:].any() and not unpacked[:, 6:].any()
 
 
-def test_packed_linear_weight_matches_conv_packing_of_a_1x1_kernel():
+def test_transposed_weight_packing_layout():
+    weight = np.arange(2 * 3 * 2 * 2, dtype=np.int8).reshape(2, 3, 2, 2)  # [C, O, kH, kW]
+    packed = vnni.pack_transposed_weight(weight)
+    assert packed.shape == (1, 1, 16, 4)
+    o, i, j, c = 2, 1, 0, 1
+    assert packed[0, 0, (o * 2 + i) * 2 + j, c] == weight[c, o, i, j]
+
+
+def test_linear_weight_packing_layout():
     weight = np.arange(-40, 40, dtype=np.int8).reshape(10, 8)
     packed = vnni.pack_linear_weight(weight)
     assert packed.shape == (1, 2, 16, 4)
@@ -80,7 +90,7 @@ def int8_cnn() -> Graph:
     return PassManager("quantize:int8,dce", calibration=calibration).run(graph).graph
 
 
-def test_plan_packs_dense_int8_layers_only_with_vnni():
+def test_plan_packs_dense_layers_with_vnni():
     graph = int8_cnn()
     plain = plan_weights(graph, TargetFeatures())
     assert not plain.packed
@@ -103,7 +113,7 @@ def vnni_features(monkeypatch):
     monkeypatch.setattr(tvm_model, "target_features", lambda target: VNNI)
 
 
-def test_packed_int8_layers_equal_the_reference_bit_for_bit(vnni_features):
+def test_packed_int8_layers_match_reference(vnni_features):
     graph = int8_cnn()
     built = build(graph, "cpu")
     assert any(name.endswith(".packed") for name in built.weights)
@@ -114,7 +124,7 @@ def test_packed_int8_layers_equal_the_reference_bit_for_bit(vnni_features):
         np.testing.assert_array_equal(built.run(feeds)["y"], expected["y"])
 
 
-def test_packed_dynamic_linear_matches_the_reference(vnni_features):
+def test_packed_dynamic_linear_matches_reference(vnni_features):
     torch.manual_seed(0)
     # The last layer sums 8 products per output, too few to pack (vnni.MIN_REDUCTION).
     layers = torch.nn.Sequential(torch.nn.Linear(32, 40), torch.nn.GELU(),
@@ -131,7 +141,27 @@ def test_packed_dynamic_linear_matches_the_reference(vnni_features):
     np.testing.assert_allclose(built.run(feeds)[name], expected[name], rtol=1e-5, atol=1e-5)
 
 
-def test_vnni_env_switch_turns_packing_off(monkeypatch):
+def test_packed_transposed_conv_matches_reference(vnni_features):
+    # up: stride 2 = kernel 2, 36 input channels, packed. smooth: kernel 3, stride 2, plain.
+    torch.manual_seed(1)
+    layers = torch.nn.Sequential(torch.nn.ConvTranspose2d(36, 5, 2, 2), torch.nn.ReLU(),
+                                 torch.nn.ConvTranspose2d(5, 3, 3, 2, padding=1))
+    loaded = graphcomp.load_model(layers.eval(), example_inputs=(torch.randn(1, 36, 5, 6),))
+    calibration = [{loaded.graph.inputs[0].name: torch.randn(1, 36, 5, 6).numpy()}
+                   for _ in range(3)]
+    graph = PassManager("quantize:int8,dce", calibration=calibration).run(loaded.graph).graph
+    transposed = [node for node in graph.nodes if node.op == "qconv_transpose2d"]
+    assert len(transposed) == 2
+    assert transposed[0].attrs["x_zero_point"] != 0  # the correction term is exercised
+    built = build(graph, "cpu")
+    assert sum(name.endswith(".packed") for name in built.weights) == 1
+    feeds = {graph.inputs[0].name: torch.randn(1, 36, 5, 6).numpy()}
+    expected = executor.run(graph, feeds)
+    (name,) = expected
+    np.testing.assert_array_equal(built.run(feeds)[name], expected[name])
+
+
+def test_vnni_env_switch_disables_packing(monkeypatch):
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
     assert targets.target_features(target).vnni
     monkeypatch.setenv(targets.VNNI_ENV, "0")
@@ -163,13 +193,15 @@ def _tensorized_dot(target):
     return tvm.compile(schedule.mod, target=target)
 
 
-def test_vnni_intrinsic_compiles_and_computes_the_dot_products():
-    register_intrinsics()
+def test_vnni_intrinsic_computes_dot_products():
     host = targets.resolve_target("cpu")
-    if not targets.target_features(host).vnni:
+    if not has_avx512_vnni(host):
         # The code still has to compile for a VNNI CPU; running it needs one.
-        _tensorized_dot(tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"}))
+        cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+        register_intrinsics(cascadelake)
+        _tensorized_dot(cascadelake)
         pytest.skip("this host has no AVX-512 VNNI to run vpdpbusd")
+    register_intrinsics(host)
     library = _tensorized_dot(host)
     rng = np.random.default_rng(5)
     a = rng.integers(0, 256, (2, 8), dtype=np.uint8)

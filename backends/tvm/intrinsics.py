@@ -13,28 +13,46 @@ when TVM's LLVM is version 22 or newer; its description, and so what it matches,
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tvm
 
 logger = logging.getLogger(__name__)
 
 VNNI_INTRINSIC = "dot_16x4_vnni"
-_registered = False
+_fixed = False
 
 
-def register_intrinsics() -> None:
-    """Replace TVM's ``dot_16x4_vnni`` implementation where it does not compile (once)."""
-    global _registered
-    if _registered:
-        return
+def has_avx512_vnni(target: "tvm.target.Target") -> bool:
+    """Return whether ``target`` is an LLVM CPU with AVX-512 VNNI, whose MetaSchedule rules
+    tensorize int8 sums with ``dot_16x4_vnni`` (in any layout that matches it)."""
+    import tvm
+
+    if target.kind.name != "llvm":
+        return False
+    return bool(tvm.get_global_func("target.target_has_feature")("avx512vnni", target))
+
+
+def register_intrinsics(target: "tvm.target.Target") -> None:
+    """Register the tensor intrinsics that MetaSchedule may use for ``target`` (those of its
+    CPU family only, see tuning_workers), with ``dot_16x4_vnni`` fixed for LLVM 22."""
+    global _fixed
     from tvm.target import codegen
 
-    if codegen.llvm_version_major() >= 22:
-        from tvm.s_tir import TensorIntrin
-        from tvm.s_tir.tensor_intrin import x86
+    from .targets import export_json
+    from .tuning_workers import register_tensor_intrinsics
 
-        TensorIntrin.register(VNNI_INTRINSIC, x86.dot_product_16x4_u8i8i32_desc,
-                              _vnni_byte_operands(), override=True)
-        logger.debug("registered %s with <64 x i8> operands for LLVM 22", VNNI_INTRINSIC)
-    _registered = True
+    register_tensor_intrinsics(export_json(target))
+    if _fixed or not has_avx512_vnni(target) or codegen.llvm_version_major() < 22:
+        return
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin import x86
+
+    TensorIntrin.register(VNNI_INTRINSIC, x86.dot_product_16x4_u8i8i32_desc,
+                          _vnni_byte_operands(), override=True)
+    logger.debug("registered %s with <64 x i8> operands for LLVM 22", VNNI_INTRINSIC)
+    _fixed = True
 
 
 def _vnni_byte_operands():

@@ -206,10 +206,7 @@ VNNI_ENV = "GRAPHCOMP_VNNI"
 
 def target_features(target: "tvm.target.Target") -> TargetFeatures:
     """Return the instructions of ``target`` that change how graphcomp lowers ops."""
-    import tvm
+    from .intrinsics import has_avx512_vnni
 
-    vnni = False
-    if target.kind.name == "llvm" and os.environ.get(VNNI_ENV, "1") != "0":
-        has_feature = tvm.get_global_func("target.target_has_feature")
-        vnni = bool(has_feature("avx512vnni", target))
+    vnni = os.environ.get(VNNI_ENV, "1") != "0" and has_avx512_vnni(target)
     return TargetFeatures(vnni=vnni)

@@ -38,7 +38,6 @@ from graphcomp.ir import Graph
 
 from .intrinsics import register_intrinsics
 from .native_log import native_log_to_logger
-from .targets import target_features
 from .tuning_db import TargetDatabase, TuningDatabase, WorkloadEntry
 
 if TYPE_CHECKING:
@@ -217,10 +216,8 @@ def tuned_pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
 
     @tvm.transform.module_pass(opt_level=0, name="GraphcompTunedPipeline")
     def pipeline(module, _context):
-        if target_features(target).vnni:
-            # The database's schedules may tensorize with the fixed VNNI intrinsic. Importing
-            # TVM's intrinsics takes seconds, so other targets skip it.
-            register_intrinsics()
+        # The database's schedules may tensorize with the target's intrinsics.
+        register_intrinsics(target)
         module = fuse_module(module, target)
         with target:
             module = relax.transform.MetaScheduleApplyDatabase()(module)
@@ -445,8 +442,10 @@ def tune(
 
     options = options or TuningOptions()
     options.check()
-    register_intrinsics()
     tvm_target = resolve_target(target)
+    # Records that tensorize apply only with the intrinsics registered, and the records of a
+    # run that tunes nothing are checked (_best_records_database) before any session starts.
+    register_intrinsics(tvm_target)
     started = time.perf_counter()
     database = TuningDatabase(options.database).for_target(tvm_target)
     # MetaSchedule's C++ code writes warnings such as "Unknown schedule rule" for every
@@ -518,12 +517,9 @@ class _Session:
             make_runner,
             shutdown_runner,
         )
-        from .targets import export_json
-        from .tuning_workers import register_tensor_intrinsics
-
         _check_measurable(self.target, self.target_name, self.options)
         self._stack.enter_context(self.database.locked())
-        register_tensor_intrinsics(export_json(self.target))
+        register_intrinsics(self.target)
         work_dir = Path(tempfile.mkdtemp(prefix="graphcomp-tuning-"))
         self._stack.callback(shutil.rmtree, work_dir, ignore_errors=True)
         self.builder = PersistentBuilder(self.target, work_dir / "candidates", self.options)

@@ -142,7 +142,7 @@ def _conv_transpose2d_torch(node, x, w, b=None):
     return torch_activation(y, node.attrs.get("activation"))
 
 
-def _is_pixel_shuffle_transpose(node) -> bool:
+def is_pixel_shuffle_transpose(node) -> bool:
     """True when each input pixel writes its own kH x kW output tile: stride equal to the
     kernel, no padding, dilation or output padding, one group."""
     strides, pads, dilations, groups, output_padding = _conv_transpose_attrs(node)
@@ -178,7 +178,7 @@ def _pixel_shuffle_transpose_relax(node, x, w, b=None):
 
 def _conv_transpose2d_relax(node, x, w, b=None):
     relax = relax_module()
-    if _is_pixel_shuffle_transpose(node):
+    if is_pixel_shuffle_transpose(node):
         return _pixel_shuffle_transpose_relax(node, x, w, b)
     strides, pads, dilations, groups, output_padding = _conv_transpose_attrs(node)
     y = relax.op.nn.conv2d_transpose(

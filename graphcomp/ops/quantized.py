@@ -49,9 +49,9 @@ Computed in Relax, each would be a kernel of its own that runs on every inferenc
 weights are parameters of ``main`` and TVM's FoldConstant cannot fold them. What remains per
 layer is one TVM kernel after FuseOps: the convolution with the requantization and the float
 ops up to the next quantize in its epilogue.
-On x86 CPUs with AVX-512 VNNI, qconv2d (groups 1), qlinear with uint8 inputs and
-dynamic_qlinear take their weights packed for the vpdpbusd dot product instead (vnni.py);
-their sums, and so their results, are the same.
+On x86 CPUs with AVX-512 VNNI, qconv2d (groups 1), qconv_transpose2d with stride equal to its
+kernel, qlinear with uint8 inputs and dynamic_qlinear take their weights packed for the
+vpdpbusd dot product instead (vnni.py); their sums, and so their results, are the same.
 
 NOTE: the accumulator is int32 in TVM and ONNX Runtime, so a layer whose sums leave the int32
 range wraps there, while the reference computes exact sums. With 8-bit inputs that takes more
@@ -72,6 +72,7 @@ from graphcomp.ops.elementwise import (
 )
 from graphcomp.ops import vnni
 from graphcomp.ops.lowering import packed_input
+from graphcomp.ops.nn import is_pixel_shuffle_transpose
 from graphcomp.ops.registry import get_op, register_op
 
 # Saturation bounds of the quantized dtypes.
@@ -647,15 +648,30 @@ def _qconv_transpose2d_torch(node, x, weight, w_scale, bias=None):
     return _requantize_torch(node, acc, bias, multiplier, (1, -1, 1, 1))
 
 
+def _qconv_transpose2d_pack(node, features) -> dict[int, np.ndarray]:
+    channels = node.inputs[1].shape[0]
+    if (features.vnni and node.inputs[0].dtype == "uint8" and _layer_constants(node)
+            and is_pixel_shuffle_transpose(node) and channels >= vnni.MIN_TRANSPOSED_CHANNELS):
+        return {1: vnni.pack_transposed_weight(node.inputs[1].data)}
+    return {}
+
+
 def _qconv_transpose2d_relax(node, x, weight, w_scale, bias=None):
     relax = relax_module()
     op = relax.op
     strides, pads, dilations, output_padding = _conv_transpose_settings(node)
     settings = {"strides": strides, "padding": pads, "output_padding": output_padding,
                 "dilation": dilations, "out_dtype": "int32"}
-    acc = op.nn.conv2d_transpose(x, weight, **settings)
     zero_point = int(node.attrs.get("x_zero_point", 0))
-    if zero_point != 0:
+    if packed_input(node, 1) is not None:
+        # Each output takes one input pixel times one row of the [O*kH*kW, C] weight matrix,
+        # so its zero-point term is x_zero_point times that row's sum.
+        rows = node.inputs[1].data.astype(np.int64).sum(axis=0).reshape(-1)
+        correction = (zero_point * rows).astype(np.int32) if zero_point else None
+        acc = vnni.conv_transpose2d(node, x, weight, correction)
+    else:
+        acc = op.nn.conv2d_transpose(x, weight, **settings)
+    if zero_point != 0 and packed_input(node, 1) is None:
         # sum((x - z) * w) = sum(x * w) - z * sum(w over the taps that reach each output).
         # How many taps reach an output varies with its position (stride, borders), so the
         # second term is a transposed convolution of ones with the weights summed over input
@@ -684,7 +700,7 @@ def _qconv_transpose2d_relax(node, x, weight, w_scale, bias=None):
 register_op(
     "qconv_transpose2d", infer=_qconv_transpose2d_infer, torch=_qconv_transpose2d_torch,
     relax=_qconv_transpose2d_relax, macs=lambda node: get_op("conv_transpose2d").macs(node),
-    inputs=(3, 4),
+    inputs=(3, 4), pack=_qconv_transpose2d_pack,
     doc="int8 2-D transposed convolution with int32 accumulation and requantization: inputs x "
         "(int8 or uint8), weight (int8 [C,O,kH,kW], symmetric per output channel, axis 1), "
         "w_scale (float32 [O]), optional bias (int32 [O]); attrs: x_scale, x_zero_point, "
