@@ -40,7 +40,8 @@ def test_conv_weight_packing_layout():
     assert packed[o // 16, c // 4, y, x, o % 16, c % 4] == weight[o, c, y, x]
     unpacked = packed.transpose(0, 4, 1, 5, 2, 3).reshape(32, 8, 3, 2)
     np.testing.assert_array_equal(unpacked[:20, :6], weight)
-    assert not unpacked[20:].any() and not unpacked[:, 6:].any()
+    assert not unpacked[20:].any()
+    assert not unpacked[:, 6:].any()
 
 
 def test_transposed_weight_packing_layout():

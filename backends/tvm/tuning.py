@@ -246,7 +246,7 @@ def extract_tasks(graph: Graph, target: "tvm.target.Target") -> list:
 
 
 def _is_scheduled(mod) -> bool:
-    """Whether a task's module, or its function, says that it is scheduled already."""
+    """Return whether a task's module, or its function, is marked as scheduled already."""
     for attrs in (mod.attrs, *(func.attrs for func in mod.functions.values())):
         if attrs and attrs.get("tirx.is_scheduled"):
             return True

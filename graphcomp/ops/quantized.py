@@ -432,7 +432,8 @@ def _zero_point_padded_conv2d_relax(node, x, weight):
 
 
 def _layer_constants(node) -> bool:
-    """Whether the weight, its scales and the bias (if any) of an int8 layer are constants."""
+    """Return whether the weight, its scales and the bias (if any) of an int8 layer are
+    constants."""
     return all(isinstance(v, Constant) for v in node.inputs[1:])
 
 

@@ -7,9 +7,9 @@ and a contiguous [16, 4] block of int8 weights, and write 16 consecutive int32 s
 layouts have neither: a weight [O, C, kH, kW] is contiguous along kW, and an NCHW input is
 contiguous along W. So on a target with VNNI:
 
-- weights are packed once, with numpy, when the graph lowers: a conv weight becomes
-  [O/16, C/4, kH, kW, 16, 4] and a linear weight [O/16, C/4, 16, 4] (O rounded up to a
-  multiple of 16 and C to one of 4, with zero weights);
+- weights are packed once, with numpy, when the graph lowers. A conv weight becomes
+  [O/16, C/4, kH, kW, 16, 4] and a linear weight [O/16, C/4, 16, 4]. O is rounded up to a
+  multiple of 16 and C to one of 4, with zero weights;
 - a convolution first copies its input into [N, C/4, H, W, 4] with the padding (the zero point)
   in place, a kernel of its own, then computes int32 sums for 16 output channels at a time and
   writes them back in NCHW;
@@ -40,7 +40,7 @@ INPUT_BLOCK = 4  # uint8 x int8 products per lane
 # channels on, packed convs took 1.4x to 10x less time.
 MIN_REDUCTION = 32
 # A transposed conv with stride equal to its kernel writes kH * kW outputs per input pixel, so
-# its output blocks fill faster: PP-OCRv4 det's two, with 24 input channels, went from 2.8 and
+# its output blocks fill faster. PP-OCRv4 det's two, with 24 input channels, went from 2.8 and
 # 3.3 ms to 1.1 and 1.2 ms packed.
 MIN_TRANSPOSED_CHANNELS = 16
 
@@ -216,9 +216,9 @@ def linear(node, x, packed_weight):
 def _scheduled_pack(function):
     """Schedule the input copy once: rows in parallel, the 4 channels of each element unrolled.
 
-    MetaSchedule finds no good schedule for it in a few trials (its vectorized candidates
-    gather 4 rows a byte at a time: 9 ms for a [1, 96, 160, 160] input, against 0.1 ms), and
-    tuning a copy is wasted time, so the function is marked scheduled, which tuning skips.
+    In a few trials MetaSchedule finds no good schedule for it: its vectorized candidates
+    gather 4 rows a byte at a time, 9 ms for a [1, 96, 160, 160] input against 0.1 ms. Tuning
+    a copy is wasted time too, so the function is marked scheduled, which tuning skips.
     """
     from tvm.s_tir import Schedule
 
