@@ -99,6 +99,8 @@ class Quantize(Pass):
     ``skip`` lists fnmatch patterns of layer names to keep in float, separated by ';'
     (``skip=head*;fc2``). ``sensitivity`` (int8 mode) adds to the details, per layer, the
     output error when only that layer is quantized, largest first (see ``sensitivity``).
+    ``float_layers=N`` (int8 mode) measures the same errors and keeps the N layers with the
+    largest ones in float, the automatic form of ``skip``.
 
     Run it after ``fold-bn`` and ``fuse``, so that batch norms are folded and relus fused into
     the layers. Do not run ``fold-constants`` after weight-only mode: it would compute the
@@ -128,12 +130,12 @@ class Quantize(Pass):
     invalidates = ("float",)
     options = {
         "mode": str, "calib": str, "percentile": float, "skip": str, "activations": str,
-        "sensitivity": bool, "matmul": bool,
+        "sensitivity": bool, "matmul": bool, "float_layers": int,
     }
     choices = {"mode": MODES, "calib": OBSERVERS, "activations": ACTIVATION_DTYPES}
     defaults = {
         "mode": "int8", "calib": "mse", "percentile": 99.99, "skip": "",
-        "activations": "uint8", "sensitivity": False, "matmul": False,
+        "activations": "uint8", "sensitivity": False, "matmul": False, "float_layers": 0,
     }
 
     def __init__(self, **options: Any):
@@ -142,6 +144,9 @@ class Quantize(Pass):
         _check_choice("mode", config["mode"], MODES)
         _check_choice("calib", config["calib"], OBSERVERS)
         _check_choice("activations", config["activations"], ACTIVATION_DTYPES)
+        if config["float_layers"] < 0:
+            raise OptionError(f"pass 'quantize': float_layers must be 0 or more, got "
+                              f"{config['float_layers']}")
         if not 50.0 < config["percentile"] <= 100.0:
             raise OptionError(f"pass 'quantize': percentile must be in (50, 100], got "
                               f"{config['percentile']}")
@@ -197,18 +202,26 @@ class Quantize(Pass):
             "calibration": self.config["calib"], "calibration_runs": calibration.runs,
             "unfused_activations": calibration.unfused,
         }
-        if self.config["sensitivity"]:
+        keep_float: set[str] = set()
+        if self.config["sensitivity"] or self.config["float_layers"]:
             feeds = ctx.feeds if ctx.feeds is not None else next(graph_batches(graph, batches))
-            details["sensitivity"] = [
-                {"layer": item.layer, "op": item.op, "error": item.error}
-                for item in calibration.layer_errors(feeds, self.name)
-            ]
+            errors = calibration.layer_errors(feeds, self.name)
+            if self.config["sensitivity"]:
+                details["sensitivity"] = [
+                    {"layer": item.layer, "op": item.op, "error": item.error}
+                    for item in errors
+                ]
+            kept = errors[:self.config["float_layers"]]
+            keep_float = {item.layer for item in kept}
+            if kept:
+                details["float_layers"] = [item.layer for item in kept]
         quantized = calibration.graph.copy()
-        targets = [quantized.nodes[position] for position in calibration.positions]
+        targets = [quantized.nodes[position] for position in calibration.positions
+                   if quantized.nodes[position].name not in keep_float]
         rewriter = StaticRewriter(quantized, calibration.params, self.name)
         for layer in targets:
             rewriter.quantize_layer(layer)
-        details["quantized"] = len(calibration.positions)
+        details["quantized"] = len(targets)
         details["dequantize_removed"] = rewriter.remove_unused_dequantize()
         _replace_contents(graph, quantized)
         return details

@@ -446,6 +446,29 @@ def test_sensitivity_option_fills_details():
     assert rows[0]["error"] >= rows[-1]["error"]
 
 
+def test_float_layers_keeps_most_sensitive_layer_float():
+    graph, _ = small_cnn()
+    calibration = cnn_batches(4)
+    feeds = cnn_feeds()
+    most_sensitive = sensitivity(graph, feeds, calibration)[0].layer
+    manager = PassManager("quantize:int8:float_layers=1", calibration=calibration, feeds=feeds)
+    report = manager.run(graph)
+    assert report.records[0].details["float_layers"] == [most_sensitive]
+    assert report.records[0].details["quantized"] == 3
+    ops = {node.name: node.op for node in report.graph.nodes}
+    assert ops[most_sensitive] in ("conv2d", "linear")
+    assert sum(op in ("qconv2d", "qlinear") for op in ops.values()) == 3
+    # The same graph as skipping that layer by name.
+    skipped = quantized(graph, f"quantize:int8:skip={most_sensitive}", calibration)
+    expected = executor.run(skipped, feeds)["output"]
+    np.testing.assert_array_equal(executor.run(report.graph, feeds)["output"], expected)
+
+
+def test_float_layers_rejects_negative_count():
+    with pytest.raises(OptionError, match="float_layers must be 0 or more"):
+        PassManager("quantize:int8:float_layers=-1")
+
+
 # --- dynamic and weight-only modes ------------------------------------------------------------
 
 
