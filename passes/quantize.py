@@ -211,10 +211,10 @@ class Quantize(Pass):
                     {"layer": item.layer, "op": item.op, "error": item.error}
                     for item in errors
                 ]
-            kept = errors[:self.config["float_layers"]]
-            keep_float = {item.layer for item in kept}
-            if kept:
-                details["float_layers"] = [item.layer for item in kept]
+            most_sensitive = errors[:self.config["float_layers"]]
+            keep_float = {item.layer for item in most_sensitive}
+            if most_sensitive:
+                details["float_layers"] = [item.layer for item in most_sensitive]
         quantized = calibration.graph.copy()
         targets = [quantized.nodes[position] for position in calibration.positions
                    if quantized.nodes[position].name not in keep_float]

@@ -10,9 +10,9 @@ contiguous along W. So on a target with VNNI:
 - weights are packed once, with numpy, when the graph lowers. A conv weight becomes
   [O/16, C/4, kH, kW, 16, 4] and a linear weight [O/16, C/4, 16, 4]. O is rounded up to a
   multiple of 16 and C to one of 4, with zero weights;
-- a convolution first copies its input into [N, C/4, H, W, 4] with the padding (the zero point)
-  in place, a kernel of its own, then computes int32 sums for 16 output channels at a time and
-  writes them back in NCHW;
+- a convolution first copies its input into [N, C/4, H, W, 4], with the padding (the zero
+  point) in place, in a kernel of its own. It then computes int32 sums for 16 output channels
+  at a time and writes them back in NCHW;
 - a linear layer reads its [..., C] input as it is (C a multiple of 4).
 
 Layers with groups, short sums (MIN_REDUCTION, MIN_TRANSPOSED_CHANNELS) or a 1x1 output keep
