@@ -22,7 +22,6 @@ from graphcomp.shapes import infer_shapes
 tvm = pytest.importorskip("tvm")
 
 from graphcomp.backends.tvm import build, targets  # noqa: E402
-from graphcomp.backends.tvm import model as tvm_model  # noqa: E402
 from graphcomp.backends.tvm.intrinsics import (  # noqa: E402
     VNNI_INTRINSIC, has_avx512_vnni, register_intrinsics,
 )
@@ -111,7 +110,6 @@ def test_plan_packs_dense_layers_with_vnni():
 def vnni_features(monkeypatch):
     """Lower as for a VNNI target on any host: the packed layouts without the instruction."""
     monkeypatch.setattr(targets, "target_features", lambda target: VNNI)
-    monkeypatch.setattr(tvm_model, "target_features", lambda target: VNNI)
 
 
 def test_packed_int8_layers_match_reference(vnni_features):
@@ -168,7 +166,8 @@ def test_vnni_env_switch_disables_packing(monkeypatch):
     monkeypatch.setenv(targets.VNNI_ENV, "0")
     assert not targets.target_features(target).vnni
     monkeypatch.delenv(targets.VNNI_ENV)
-    assert not targets.target_features(tvm.target.Target({"kind": "llvm", "mcpu": "skylake"})).vnni
+    skylake = tvm.target.Target({"kind": "llvm", "mcpu": "skylake"})
+    assert not targets.target_features(skylake).vnni
     assert not targets.target_features(targets.resolve_target("arm")).vnni
 
 

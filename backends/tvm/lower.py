@@ -142,10 +142,17 @@ def lower_to_relax(graph: Graph, target: "tvm.target.Target | None" = None) -> "
     """Lower ``graph`` to a Relax IRModule with ``main(inputs..., weights...)``.
 
     With a ``target``, ops may take weights in a layout for its instructions (int8 layers on
-    CPUs with AVX-512 VNNI); ``plan_weights`` with the same target's features lists them.
+    CPUs with AVX-512 VNNI); ``lower_with_weights`` also returns them.
     Raises VerificationError for a malformed graph and BackendError naming the node when an
     op's lowering fails or gives another shape or dtype than the graph records.
     """
+    return lower_with_weights(graph, target)[0]
+
+
+def lower_with_weights(
+    graph: Graph, target: "tvm.target.Target | None" = None,
+) -> tuple["tvm.IRModule", WeightPlan]:
+    """Lower ``graph`` like ``lower_to_relax``; also return the weights ``main`` takes."""
     from tvm import relax
 
     from .targets import target_features
@@ -177,7 +184,7 @@ def lower_to_relax(graph: Graph, target: "tvm.target.Target | None" = None) -> "
         builder.emit_func_output(output)
     module = builder.get()
     logger.debug("lowered graph '%s' to Relax:\n%s", graph.name, module)
-    return module
+    return module, plan
 
 
 def _check_ops_registered(graph: Graph) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 from graphcomp.errors import BackendError, ShapeError
 from graphcomp.ir import Graph
 
-from .lower import TensorSpec, lower_to_relax, plan_weights
-from .targets import export_json, host_incompatibility, resolve_target, target_features
+from .lower import TensorSpec, lower_with_weights
+from .targets import export_json, host_incompatibility, resolve_target
 
 if TYPE_CHECKING:
     import tvm
@@ -37,7 +37,7 @@ def build(graph: Graph, target: str = "cpu", tuning_database: Any = None) -> "Bu
 
     tvm_target = resolve_target(target)
     started = time.perf_counter()
-    module = lower_to_relax(graph, tvm_target)
+    module, weights = lower_with_weights(graph, tvm_target)
     pipeline: Any = "default"
     scope: Any = contextlib.nullcontext()
     if tuning_database is not None:
@@ -59,14 +59,13 @@ def build(graph: Graph, target: str = "cpu", tuning_database: Any = None) -> "Bu
     logger.info(
         "built graph '%s' for %s in %.2f s", graph.name, target, time.perf_counter() - started
     )
-    weights = plan_weights(graph, target_features(tvm_target)).arrays
     return BuiltModel(
         library=executable,
         target_name=target,
         target=tvm_target,
         inputs=[TensorSpec.of(v) for v in graph.inputs],
         outputs=[TensorSpec.of(v) for v in graph.outputs],
-        weights=weights,
+        weights=weights.arrays,
     )
 
 

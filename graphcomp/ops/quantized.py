@@ -449,9 +449,10 @@ def _qconv2d_pack(node, features) -> dict[int, np.ndarray]:
 
 def _qconv2d_relax(node, x, weight, w_scale, bias=None):
     op = relax_module().op
-    strides, pads, dilations, groups = _conv_settings(node)
+    settings = _conv_settings(node)
+    strides, pads, dilations, groups = settings
     if packed_input(node, 1) is not None:
-        acc = vnni.conv2d(node, x, weight, _conv_settings(node))
+        acc = vnni.conv2d(node, x, weight, settings)
     elif any(pads) and int(node.attrs.get("x_zero_point", 0)) != 0:
         acc = _zero_point_padded_conv2d_relax(node, x, weight)
     else:
@@ -664,7 +665,8 @@ def _qconv_transpose2d_relax(node, x, weight, w_scale, bias=None):
     settings = {"strides": strides, "padding": pads, "output_padding": output_padding,
                 "dilation": dilations, "out_dtype": "int32"}
     zero_point = int(node.attrs.get("x_zero_point", 0))
-    if packed_input(node, 1) is not None:
+    packed = packed_input(node, 1) is not None
+    if packed:
         # Each output takes one input pixel times one row of the [O*kH*kW, C] weight matrix,
         # so its zero-point term is x_zero_point times that row's sum.
         rows = node.inputs[1].data.astype(np.int64).sum(axis=0).reshape(-1)
@@ -672,7 +674,7 @@ def _qconv_transpose2d_relax(node, x, weight, w_scale, bias=None):
         acc = vnni.conv_transpose2d(node, x, weight, correction)
     else:
         acc = op.nn.conv2d_transpose(x, weight, **settings)
-    if zero_point != 0 and packed_input(node, 1) is None:
+    if zero_point != 0 and not packed:
         # sum((x - z) * w) = sum(x * w) - z * sum(w over the taps that reach each output).
         # How many taps reach an output varies with its position (stride, borders), so the
         # second term is a transposed convolution of ones with the weights summed over input

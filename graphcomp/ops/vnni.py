@@ -33,11 +33,11 @@ from graphcomp.ops.elementwise import relax_module
 OUTPUT_BLOCK = 16  # int32 lanes of one vpdpbusd
 INPUT_BLOCK = 4  # uint8 x int8 products per lane
 
-# Layers with shorter sums per output (C * kH * kW) keep the plain layout. Tuned on PP-OCRv4
-# det (2-core AMD EPYC, 16 trials per kernel), 1x1 convs with 12 or 16 input channels took
-# 1.2x to 2.3x longer packed (2.99 against 1.32 ms at 16 -> 32 channels, 320 x 320), because
-# writing NCHW from 16-channel blocks costs more than their short sums save; from 32 input
-# channels on, packed convs took 1.4x to 10x less time.
+# Layers with shorter sums per output (C * kH * kW) keep the plain layout. In one tuning run
+# of PP-OCRv4 det (2-core AMD EPYC, 16 trials per kernel), packed 1x1 convs with 12 or 16 input
+# channels took 1.2x to 2.3x longer (2.99 against 1.32 ms at 16 -> 32 channels, 320 x 320),
+# because writing NCHW from 16-channel blocks costs more than their short sums save. From 32
+# input channels on, packed convs took 1.4x to 10x less time.
 MIN_REDUCTION = 32
 # A transposed conv with stride equal to its kernel writes kH * kW outputs per input pixel, so
 # its output blocks fill faster. PP-OCRv4 det's two, with 24 input channels, went from 2.8 and
@@ -159,7 +159,7 @@ def conv_transpose2d(node, x, packed_weight, correction: np.ndarray | None):
 
 def _packed_input(builder, node, x, pads):
     """Emit the copy of ``x`` (uint8 NCHW) into [N, C/4, H, W, 4], padded by ``pads`` (top,
-    left, bottom, right) with ``x_zero_point``; return its variable."""
+    left, bottom, right) with ``x_zero_point``, and return its variable."""
     from tvm import te, tirx
 
     relax = relax_module()
